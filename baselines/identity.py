@@ -1,0 +1,11 @@
+"""Cosine similarity on the frozen backbone embedding: the "backbone" rows of the tables."""
+
+from quari.methods import StaticProjectionMethod
+
+
+class Identity(StaticProjectionMethod):
+    """No adaptation: rank the gallery by cosine similarity to the query embedding."""
+
+    name = "identity"
+    label = "backbone"
+    trainable = False

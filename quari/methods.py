@@ -1,0 +1,176 @@
+"""The one interface every retrieval method implements: QuARI and each baseline.
+
+A method is fitted on a training collection, then ranks a gallery for a batch of queries. It is
+split into ``prepare`` (per-query work done once: QuARI's hypernetwork, a static projection of
+the query) and ``score`` (queries against a chunk of gallery rows), so that the harness streams a
+gallery of any size in chunks and times every method the same way. Search and shortlist
+re-ranking are built on those two. Like scikit-learn estimators, ``__init__`` only stores
+hyperparameters, ``fit`` returns ``self`` and learned state ends in ``_``.
+
+Methods that need more than (query, gallery rows), such as query expansion over the gallery or
+local-feature matching, override ``search``/``rerank`` directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from quari.store import TrainingCollection, atomic_write_json
+
+
+def as_tensor(x, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A float32 tensor on ``device`` from a numpy array, memmap or tensor."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.float32)
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+
+
+class RetrievalMethod(ABC):
+    """Base class of all methods. Subclasses set ``name`` and implement ``prepare`` and ``score``."""
+
+    name: ClassVar[str] = ""
+    #: what the table calls this method (defaults to ``name``)
+    label: ClassVar[str] = ""
+    #: False for methods with nothing to learn (fit is a no-op)
+    trainable: ClassVar[bool] = True
+
+    def __init__(self, **params: Any):
+        self.params = dict(params)
+        self.device = torch.device(params.get("device") or
+                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    # -- learning -------------------------------------------------------------------------
+    def fit(self, train: TrainingCollection, valid: TrainingCollection | None = None,
+            workdir: str | os.PathLike | None = None, **context: Any) -> "RetrievalMethod":
+        """Learn from a training collection; ``workdir`` may hold checkpoints. Returns self."""
+        return self
+
+    # -- ranking --------------------------------------------------------------------------
+    @abstractmethod
+    def prepare(self, queries: torch.Tensor, query_ids: Sequence[str] | None = None) -> Any:
+        """Per-query state for ``score`` (queries: [B, E] float32 on ``self.device``).
+
+        ``query_ids`` lets a method look up side information it was given at fit time (the
+        query's text for a vision-language re-ranker, the true category for the oracle).
+        """
+
+    @abstractmethod
+    def score(self, state: Any, rows: torch.Tensor) -> torch.Tensor:
+        """Scores [B, n] of the prepared queries against gallery rows [n, E] (higher is better)."""
+
+    def score_candidates(self, state: Any, queries: torch.Tensor, candidates: torch.Tensor,
+                         query_ids: Sequence[str] | None = None) -> torch.Tensor:
+        """Scores [B, K] of query b against its own candidates[b] ([B, K, E]).
+
+        The default prepares each query alone; methods with a batched form override it.
+        """
+        out = []
+        for b in range(queries.shape[0]):
+            ids = None if query_ids is None else query_ids[b:b + 1]
+            out.append(self.score(self.prepare(queries[b:b + 1], ids), candidates[b])[0])
+        return torch.stack(out)
+
+    def search(self, queries, gallery, k: int, chunk_rows: int = 65536,
+               query_ids: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (scores, row indices) of every query over the whole gallery, streamed in chunks."""
+        q = as_tensor(queries, self.device)
+        n = len(gallery)
+        k = min(k, n)
+        with torch.no_grad():
+            state = self.prepare(q, query_ids)
+            best_s = torch.full((q.shape[0], 0), -float("inf"), device=self.device)
+            best_i = torch.zeros((q.shape[0], 0), dtype=torch.long, device=self.device)
+            for start in range(0, n, chunk_rows):
+                rows = as_tensor(gallery[start:start + chunk_rows], self.device)
+                s = self.score(state, rows)
+                idx = torch.arange(start, start + rows.shape[0], device=self.device).expand_as(s)
+                best_s = torch.cat([best_s, s], 1)
+                best_i = torch.cat([best_i, idx], 1)
+                # stable: among equal scores the lower index (earlier column) wins
+                order = torch.sort(best_s, dim=1, descending=True, stable=True).indices[:, :k]
+                best_s, best_i = best_s.gather(1, order), best_i.gather(1, order)
+        return best_s.cpu(), best_i.cpu()
+
+    def rerank(self, queries, gallery, shortlist: np.ndarray,
+               query_ids: Sequence[str] | None = None) -> torch.Tensor:
+        """Scores [B, K] of each query's shortlist (row indices [B, K] into the gallery)."""
+        q = as_tensor(queries, self.device)
+        shortlist = np.asarray(shortlist)
+        candidates = as_tensor(np.stack([np.asarray(gallery[r]) for r in shortlist]), self.device)
+        with torch.no_grad():
+            return self.score_candidates(self.prepare(q, query_ids), q, candidates, query_ids).cpu()
+
+    # -- persistence ----------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> None:
+        """Save hyperparameters (``method.json``) and learned state (``save_state``)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.save_state(directory)
+        params = {k: v for k, v in self.params.items() if k != "device"}
+        atomic_write_json(directory / "method.json", {"name": self.name, "params": params})
+
+    def save_state(self, directory: Path) -> None:
+        """Write learned state into ``directory`` (nothing for stateless methods)."""
+
+    def load_state(self, directory: Path) -> None:
+        """Read what ``save_state`` wrote."""
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, device: str | None = None) -> "RetrievalMethod":
+        directory = Path(directory)
+        info = json.loads((directory / "method.json").read_text())
+        if info["name"] != cls.name:
+            raise ValueError(f"{directory} holds method {info['name']!r}, not {cls.name!r}")
+        method = cls(**info["params"], device=device)
+        method.load_state(directory)
+        return method
+
+
+class StaticProjectionMethod(RetrievalMethod):
+    """A method whose queries and gallery rows are both mapped by one fixed function ``embed``.
+
+    Cosine similarity in the mapped space. The identity baseline and static linear adaptation
+    are of this kind.
+    """
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def prepare(self, queries: torch.Tensor, query_ids=None) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.embed(queries), dim=-1)
+
+    def score(self, state: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return state @ torch.nn.functional.normalize(self.embed(rows), dim=-1).T
+
+    def score_candidates(self, state, queries, candidates, query_ids=None):
+        mapped = torch.nn.functional.normalize(self.embed(candidates), dim=-1)
+        return torch.einsum("be,bke->bk", state, mapped)
+
+
+class TransformMethod(RetrievalMethod):
+    """A method that maps each query to a :class:`quari.transform.QueryTransform` (QuARI, the
+    oracle): the gallery is scored in the query's own adapted space with the factored form."""
+
+    def transform(self, queries: torch.Tensor, query_ids: Sequence[str] | None = None):
+        raise NotImplementedError
+
+    def prepare(self, queries: torch.Tensor, query_ids: Sequence[str] | None = None):
+        return self.transform(queries, query_ids).detach()
+
+    def score(self, state, rows: torch.Tensor) -> torch.Tensor:
+        from quari import scoring
+
+        return scoring.scores(state, rows)
+
+    def score_candidates(self, state, queries, candidates, query_ids=None):
+        from quari import scoring
+
+        return scoring.candidate_scores(state, candidates)

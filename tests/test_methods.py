@@ -1,0 +1,89 @@
+"""One conformance test over every registered method (scikit-learn style), and the registry."""
+
+import numpy as np
+import pytest
+import torch
+
+import baselines
+from quari.methods import RetrievalMethod
+
+from .conftest import random_collection
+
+DIM = 16
+
+#: small hyperparameters so every method fits in a second; a new method needs no entry here
+#: unless its defaults are slow
+FAST_PARAMS = {
+    "quari": {"model": {"hidden_dim": 32, "nhead": 2, "num_layers": 1, "num_steps": 2, "rank": 4},
+              "train": {"max_steps": 5, "batch_size": 16, "eval_every": 5}},
+    "linear_adaptation": {"out_dim": 8, "epochs": 2, "batch_size": 8},
+}
+
+
+def fit_context(name, tmp_path, rng, query_ids):
+    """Side inputs some methods need, built the way the workflow builds them."""
+    if name == "oracle":
+        path = tmp_path / "oracle.npz"
+        bases = np.linalg.qr(rng.standard_normal((3, DIM, 4)))[0].astype(np.float32)
+        np.savez(path, bases=bases, query_ids=np.array(query_ids),
+                 query_categories=rng.integers(0, 3, len(query_ids)))
+        return {"oracle_file": str(path)}
+    if name == "quari":
+        n = 12 * 3
+        return {"semipositives": {"indices": rng.integers(0, n, (n, 2)),
+                                  "weights": rng.random((n, 2)).astype(np.float32)}}
+    return {}
+
+
+@pytest.mark.parametrize("name", baselines.available_methods())
+def test_method_conformance(name, tmp_path, rng):
+    cls = baselines.get_method(name)
+    assert issubclass(cls, RetrievalMethod) and cls.name == name
+    train = random_collection(rng, dim=DIM)
+    valid = random_collection(rng, dim=DIM, instances=4, prefix="v")
+    queries = train.images.embeddings[:5].astype(np.float32)
+    query_ids = [f"q{i}" for i in range(5)]
+    gallery = np.asarray(train.images.embeddings, dtype=np.float32)
+
+    method = cls(**FAST_PARAMS.get(name, {}), device="cpu")
+    assert method.fit(train, valid, workdir=tmp_path / "work",
+                      **fit_context(name, tmp_path, rng, query_ids)) is method
+
+    k = 7
+    scores, idx = method.search(queries, gallery, k, chunk_rows=5, query_ids=query_ids)
+    assert scores.shape == idx.shape == (5, k)
+    assert torch.all(scores[:, :-1] >= scores[:, 1:] - 1e-6), "search must sort descending"
+    # brute force: score every row at once and sort
+    with torch.no_grad():
+        full = method.score(method.prepare(torch.from_numpy(queries), query_ids), torch.from_numpy(gallery))
+    ref = torch.sort(full, dim=1, descending=True, stable=True)
+    torch.testing.assert_close(scores, ref.values[:, :k], atol=1e-5, rtol=1e-5)
+    assert (idx == ref.indices[:, :k]).float().mean() > 0.9  # ties may swap
+
+    # re-ranking a shortlist gives each candidate the score it has in the full ranking
+    shortlist = np.stack([rng.permutation(len(gallery))[:6] for _ in range(5)])
+    rr = method.rerank(queries, gallery, shortlist, query_ids=query_ids)
+    torch.testing.assert_close(rr, torch.gather(full, 1, torch.from_numpy(shortlist)), atol=1e-5, rtol=1e-5)
+
+    # save / load round trip
+    method.save(tmp_path / "saved")
+    again = cls.load(tmp_path / "saved", device="cpu")
+    s2, i2 = again.search(queries, gallery, k, query_ids=query_ids)
+    torch.testing.assert_close(s2, scores, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_method_lists_the_registry():
+    with pytest.raises(KeyError) as err:
+        baselines.get_method("no_such_method")
+    assert "identity" in str(err.value) and "linear_adaptation" in str(err.value)
+
+
+def test_registry_has_the_first_methods():
+    assert {"identity", "linear_adaptation", "quari", "oracle"} <= set(baselines.available_methods())
+
+
+def test_loading_a_different_method_is_refused(tmp_path):
+    ident = baselines.get_method("identity")(device="cpu")
+    ident.save(tmp_path)
+    with pytest.raises(ValueError, match="identity"):
+        baselines.get_method("linear_adaptation").load(tmp_path)

@@ -1,0 +1,40 @@
+# Stage 6: Figure 3 (t-SNE of backbone vs QuARI space) and Figure 4 (re-ranking cost vs accuracy).
+
+
+rule figure_tsne:
+    input:
+        model=f"results/models/quari/{figure_backbone('tsne')}/method.json",
+        ilias=f"results/embeddings/ilias/{figure_backbone('tsne')}/gallery",
+        ilias_queries=f"results/embeddings/ilias/{figure_backbone('tsne')}/image_queries",
+        inquire=f"results/embeddings/inquire/{figure_backbone('tsne')}/gallery",
+        inquire_queries=f"results/embeddings/inquire/{figure_backbone('tsne')}/text_queries",
+        ilias_positives="results/groundtruth/ilias.json",
+        inquire_positives="results/groundtruth/inquire.json",
+    output:
+        png="figures/fig3_tsne.png",
+        pdf="figures/fig3_tsne.pdf",
+    log:
+        "results/logs/figures/fig3_tsne.log",
+    params:
+        tsne=config["figures"]["tsne"],
+        backbone=figure_backbone("tsne"),
+        data=config["data"],
+    script:
+        "../scripts/figure_tsne.py"
+
+
+rule figure_cost_accuracy:
+    input:
+        evaluations=expand("results/eval/{benchmark}/{backbone}/{method}.json",
+                           benchmark=BENCHMARKS, backbone=figure_backbone("cost_accuracy"),
+                           method=list(METHODS)),
+        paper=PAPER_NUMBERS,
+    output:
+        png="figures/fig4_cost_accuracy.png",
+        pdf="figures/fig4_cost_accuracy.pdf",
+    log:
+        "results/logs/figures/fig4_cost_accuracy.log",
+    params:
+        data=config["data"],
+    script:
+        "../scripts/figure_cost_accuracy.py"

@@ -1,0 +1,14 @@
+# Stage 2: semi-positives, the nearest neighbours of every training image in the backbone space.
+
+
+rule mine_semipositives:
+    input:
+        train="results/embeddings/{trainset}/{backbone}/train",
+    output:
+        "results/mining/{trainset}/{backbone}/semipositives.npz",
+    log:
+        "results/logs/mining/{trainset}/{backbone}.log",
+    params:
+        mining=config["mining"],
+    script:
+        "../scripts/mine_semipositives.py"

@@ -1,0 +1,42 @@
+"""Fit one method on one backbone's training collection and save it beside its method.json."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from baselines import get_method
+from quari.config import deep_merge
+from quari.runlog import log_to
+from quari.store import load_training_collection
+
+log = logging.getLogger("quari.train")
+
+
+def main(smk):
+    p = smk.params
+    torch.set_num_threads(max(1, smk.threads))
+    cls = get_method(p.method_type)
+    params = dict(p.method_params)
+    if p.method_type == "quari":  # the quari section is the base; a method entry overrides it
+        params = deep_merge(p.quari, params)
+    device = None if p.device == "auto" else p.device
+    method = cls(**params, device=device)
+    context = {}
+    if "semipositives" in smk.input.keys():
+        with np.load(smk.input.semipositives) as f:
+            context["semipositives"] = {k: f[k] for k in f.files}
+    if "oracle" in smk.input.keys():
+        context["oracle_file"] = smk.input.oracle
+    train = load_training_collection(smk.input.train)
+    valid = load_training_collection(smk.input.valid)
+    out_dir = Path(smk.output[0]).parent
+    log.info("fitting %s (%s) on %d images / %d captions", smk.wildcards.method, p.method_type,
+             len(train.images), len(train.captions))
+    method.fit(train, valid, workdir=out_dir / "work", **context)
+    method.save(out_dir)
+
+
+with log_to(snakemake.log[0]):  # noqa: F821
+    main(snakemake)  # noqa: F821
