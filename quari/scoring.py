@@ -2,29 +2,34 @@
 
 For a :class:`~quari.transform.QueryTransform` with adapted query q, factors L (left) and
 R (right), anchor a and scale s, a gallery row d is mapped to m(d) = a*d + s*(d L) R^T and scored
-by q . m(d) / ||m(d)||. With P = d L and Q = d R (both 1 x r), G = R^T R (r x r) and c = R^T q:
+by q . m(d) / ||m(d)||. With P = d L and S = d R (both 1 x r), G = R^T R (r x r) and c = R^T q:
 
     q . m(d)   = a (q . d) + s P . c
-    ||m(d)||^2 = a^2 ||d||^2 + 2 a s P . Q + s^2 P G P^T
+    ||m(d)||^2 = a^2 ||d||^2 + 2 a s P . S + s^2 P G P^T
 
 so one pass computing d [L | R] costs O(E r) per row and query, against O(E^2) for applying the
 dense matrix (what the released code does, and what :func:`dense_scores` keeps as the reference).
 When a = 0 (the paper's pure low-rank map) only P is needed.
+
+The streaming search (:func:`topk`, no gradients) first orthonormalises R = Q T (reduced QR) so
+that m(d) = a d_perp + (d A) Q^T with A = a Q + s L T^T and d_perp = d - d Q Q^T. Then
+
+    q . m(d)   = d . w                    with w = a q + s L (R^T q)
+    ||m(d)||^2 = a^2 (||d||^2 - ||d Q||^2) + ||d A||^2
+
+and every per-row quantity comes out of one matrix product d [A | Q | w] followed by two squared
+norms: still O(E r) per row and query, with no r x r product per row.
 
 Everything here except the streaming searches is differentiable and used by training.
 """
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from quari.transform import QueryTransform
-
-logger = logging.getLogger(__name__)
 
 # Floor of ||m(d)||, the same as torch.nn.functional.normalize uses, so a degenerate row
 # scores 0 rather than NaN.
@@ -119,19 +124,26 @@ def dense_scores(transform: QueryTransform, gallery: torch.Tensor) -> torch.Tens
     return torch.einsum("be,bne->bn", t.query, F.normalize(mapped, dim=-1))
 
 
-def _rows(gallery: Gallery, start: int, stop: int, device: torch.device,
-          dtype: torch.dtype) -> torch.Tensor:
-    """Rows [start, stop) of a tensor, array or memmap as a tensor of ``dtype`` on ``device``."""
+def read_rows(gallery: Gallery, start: int, stop: int, device: torch.device,
+              dtype: torch.dtype) -> torch.Tensor:
+    """Rows [start, stop) of a tensor, array or memmap as a tensor of ``dtype`` on ``device``.
+
+    The streaming searches read the gallery through this, one chunk at a time.
+    """
     chunk = gallery[start:stop]
     if not isinstance(chunk, torch.Tensor):
-        chunk = torch.from_numpy(np.ascontiguousarray(chunk))
+        # a copy: a read-only memmap cannot back a tensor
+        chunk = torch.from_numpy(np.array(chunk, order="C", copy=True))
     return chunk.to(device=device, dtype=dtype)
 
 
-def _merge(best_s: torch.Tensor, best_i: torch.Tensor, new_s: torch.Tensor,
-           new_i: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_topk(best_s: torch.Tensor, best_i: torch.Tensor, new_s: torch.Tensor,
+               new_i: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top k of the union of a running top-k and a new chunk, ties broken by lower index.
 
+    ``best_s``/``best_i`` [B, <=k] are the running scores and indices (sorted as this returns
+    them, possibly empty), ``new_s``/``new_i`` [B, n] a chunk whose indices are increasing and
+    all larger than the running ones. Returns the merged (scores, indices), sorted descending.
     Invariant that makes ties exact: among equal scores, position in the concatenation
     [running, chunk] follows the global index (the running list is sorted with ties by index
     and every chunk index is larger than every running one).
@@ -164,6 +176,28 @@ def _check_gallery(gallery: Gallery, dim: int, k: int) -> int:
     return gallery.shape[0]
 
 
+def _search_columns(transform: QueryTransform) -> tuple[torch.Tensor, int]:
+    """Per-query columns [B, E, c] = [A | Q | w] of the orthonormalised form, and A's width."""
+    a, s = transform.anchor, transform.scale
+    q_basis, tri = torch.linalg.qr(transform.right)  # R = Q T, Q orthonormal
+    mixed = s * transform.left @ tri.transpose(1, 2)
+    w = a * transform.query + s * torch.einsum(
+        "ber,br->be", transform.left, torch.einsum("ber,be->br", transform.right, transform.query))
+    if a == 0:
+        return torch.cat([mixed, w[..., None]], dim=2), mixed.shape[2]
+    return torch.cat([mixed + a * q_basis, q_basis, w[..., None]], dim=2), mixed.shape[2]
+
+
+def _search_scores(proj: torch.Tensor, width: int, anchor: float,
+                   dd: torch.Tensor | None) -> torch.Tensor:
+    """Cosines [n, b] from proj = d [A | Q | w] ([n, b, c]) and ||d||^2 ([n])."""
+    sq = torch.linalg.vector_norm(proj[..., :width], dim=-1).square()
+    if anchor != 0:
+        q_part = torch.linalg.vector_norm(proj[..., width:2 * width], dim=-1).square()
+        sq = sq + anchor * anchor * (dd[:, None] - q_part)
+    return proj[..., -1] / sq.clamp_min(NORM_EPS ** 2).sqrt()
+
+
 @torch.no_grad()
 def topk(transform: QueryTransform, gallery: Gallery, k: int, chunk_rows: int = 65536,
          device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,22 +215,21 @@ def topk(transform: QueryTransform, gallery: Gallery, k: int, chunk_rows: int = 
     device = torch.device(device) if device is not None else transform.query.device
     dtype = _compute_dtype(transform.query.dtype)
     t = transform.detach().to(device=device, dtype=dtype)
-    factors = _factors(t)
-    batch, dim, width = factors.shape
-    block = max(1, min(batch, BLOCK_ELEMENTS // max(1, min(chunk_rows, n_rows) * width)))
+    columns, width = _search_columns(t)
+    batch, dim, c = columns.shape
+    block = max(1, min(batch, BLOCK_ELEMENTS // max(1, min(chunk_rows, n_rows) * c)))
     blocks = [slice(b, min(b + block, batch)) for b in range(0, batch, block)]
-    mats = [factors[sl].permute(1, 0, 2).reshape(dim, -1) for sl in blocks]
-    terms = [_query_terms(t[sl]) for sl in blocks]
+    # [E, b*c] per block: the projection of a chunk onto a block's columns is one matmul
+    mats = [columns[sl].permute(1, 0, 2).reshape(dim, -1) for sl in blocks]
     best = [_empty(sl.stop - sl.start, device) for sl in blocks]
     for start in range(0, n_rows, chunk_rows):
-        rows = _rows(gallery, start, min(start + chunk_rows, n_rows), device, dtype)
+        rows = read_rows(gallery, start, min(start + chunk_rows, n_rows), device, dtype)
         ids = torch.arange(start, start + rows.shape[0], device=device)
-        qd = (t.query @ rows.T) if t.anchor != 0 else None
         dd = (rows * rows).sum(-1) if t.anchor != 0 else None
-        for j, sl in enumerate(blocks):
-            proj = (rows @ mats[j]).view(rows.shape[0], -1, width).transpose(0, 1)
-            s = _combine(t[sl], proj, None if qd is None else qd[sl], dd, *terms[j])
-            best[j] = _merge(*best[j], s.float(), ids.expand(s.shape[0], -1), k)
+        for j, mat in enumerate(mats):
+            proj = (rows @ mat).view(rows.shape[0], -1, c)
+            s = _search_scores(proj, width, t.anchor, dd).T.float()
+            best[j] = merge_topk(*best[j], s, ids.expand(s.shape[0], -1), k)
     return torch.cat([b[0] for b in best]), torch.cat([b[1] for b in best])
 
 
@@ -214,10 +247,10 @@ def cosine_topk(queries: torch.Tensor, gallery: Gallery, k: int, chunk_rows: int
     q = F.normalize(queries.detach().to(device=device, dtype=dtype), dim=-1)
     best = _empty(q.shape[0], device)
     for start in range(0, n_rows, chunk_rows):
-        rows = _rows(gallery, start, min(start + chunk_rows, n_rows), device, dtype)
+        rows = read_rows(gallery, start, min(start + chunk_rows, n_rows), device, dtype)
         ids = torch.arange(start, start + rows.shape[0], device=device)
         s = q @ F.normalize(rows, dim=-1).T
-        best = _merge(*best, s.float(), ids.expand(s.shape[0], -1), k)
+        best = merge_topk(*best, s.float(), ids.expand(s.shape[0], -1), k)
     return best
 
 

@@ -6,6 +6,7 @@ import torch
 
 import baselines
 from quari.methods import RetrievalMethod
+from quari.mining import mine_semipositives
 
 from .conftest import random_collection
 
@@ -20,7 +21,7 @@ FAST_PARAMS = {
 }
 
 
-def fit_context(name, tmp_path, rng, query_ids):
+def fit_context(name, tmp_path, rng, query_ids, train):
     """Side inputs some methods need, built the way the workflow builds them."""
     if name == "oracle":
         path = tmp_path / "oracle.npz"
@@ -29,9 +30,8 @@ def fit_context(name, tmp_path, rng, query_ids):
                  query_categories=rng.integers(0, 3, len(query_ids)))
         return {"oracle_file": str(path)}
     if name == "quari":
-        n = 12 * 3
-        return {"semipositives": {"indices": rng.integers(0, n, (n, 2)),
-                                  "weights": rng.random((n, 2)).astype(np.float32)}}
+        return {"semipositives": mine_semipositives(np.asarray(train.images.embeddings),
+                                                    train.images.ids, k=5, top_n=2)}
     return {}
 
 
@@ -47,7 +47,7 @@ def test_method_conformance(name, tmp_path, rng):
 
     method = cls(**FAST_PARAMS.get(name, {}), device="cpu")
     assert method.fit(train, valid, workdir=tmp_path / "work",
-                      **fit_context(name, tmp_path, rng, query_ids)) is method
+                      **fit_context(name, tmp_path, rng, query_ids, train)) is method
 
     k = 7
     scores, idx = method.search(queries, gallery, k, chunk_rows=5, query_ids=query_ids)

@@ -12,6 +12,8 @@ if config["data"] == "synthetic":
             "results/logs/data/synthetic_ground_truth.log",
         params:
             synthetic=config["synthetic"],
+        conda:
+            "../../environment.yml"
         script:
             "../scripts/synthetic_ground_truth.py"
 
@@ -29,5 +31,7 @@ if config["data"] == "synthetic":
             "results/logs/data/embed_synthetic/{backbone}.log",
         params:
             synthetic=config["synthetic"],
+        conda:
+            "../../environment.yml"
         script:
             "../scripts/embed_synthetic.py"

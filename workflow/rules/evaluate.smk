@@ -15,5 +15,7 @@ rule evaluate:
         run_id=config["run_id"],
         device=config["device"],
     threads: workflow.cores
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/evaluate.py"

@@ -19,6 +19,8 @@ rule figure_tsne:
         tsne=config["figures"]["tsne"],
         backbone=figure_backbone("tsne"),
         data=config["data"],
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/figure_tsne.py"
 
@@ -36,5 +38,7 @@ rule figure_cost_accuracy:
         "results/logs/figures/fig4_cost_accuracy.log",
     params:
         data=config["data"],
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/figure_cost_accuracy.py"

@@ -10,5 +10,7 @@ rule mine_semipositives:
         "results/logs/mining/{trainset}/{backbone}.log",
     params:
         mining=config["mining"],
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/mine_semipositives.py"

@@ -18,5 +18,7 @@ rule tables:
         "results/logs/tables.log",
     params:
         run_id=config["run_id"],
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/make_tables.py"

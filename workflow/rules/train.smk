@@ -14,5 +14,7 @@ rule train_method:
         quari=config["quari"],
         device=config["device"],
     threads: workflow.cores
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/train_method.py"

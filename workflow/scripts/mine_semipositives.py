@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from quari.mining import mine_semipositives
+from quari.mining import mine_semipositives, save_semipositives
 from quari.runlog import log_to
-from quari.store import atomic_savez, load_training_collection
+from quari.store import load_training_collection
 
 
 def main(smk):
@@ -12,7 +12,7 @@ def main(smk):
     m = smk.params.mining
     semi = mine_semipositives(np.asarray(train.images.embeddings, dtype=np.float32), train.images.ids,
                               k=m["k"], top_n=m["top_n"], temperature=m["temperature"])
-    atomic_savez(smk.output[0], indices=semi.indices, weights=semi.weights)
+    save_semipositives(smk.output[0], semi)
 
 
 with log_to(snakemake.log[0]):  # noqa: F821

@@ -3,11 +3,11 @@
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from baselines import get_method
 from quari.config import deep_merge
+from quari.mining import load_semipositives
 from quari.runlog import log_to
 from quari.store import load_training_collection
 
@@ -25,8 +25,7 @@ def main(smk):
     method = cls(**params, device=device)
     context = {}
     if "semipositives" in smk.input.keys():
-        with np.load(smk.input.semipositives) as f:
-            context["semipositives"] = {k: f[k] for k in f.files}
+        context["semipositives"] = load_semipositives(smk.input.semipositives)
     if "oracle" in smk.input.keys():
         context["oracle_file"] = smk.input.oracle
     train = load_training_collection(smk.input.train)

@@ -1,0 +1,109 @@
+"""The whole DAG on a tiny configuration in a temporary directory, a toy baseline included.
+
+The toy baseline is added exactly as the README tells a user to: one module dropped into
+``baselines/`` and one entry under ``methods:``.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).parent / "snakemake"
+
+TOY_BASELINE = '''
+"""A toy baseline for the workflow test: cosine on the first half of the embedding."""
+from quari.methods import StaticProjectionMethod
+
+
+class FirstHalf(StaticProjectionMethod):
+    name = "toy_first_half"
+    trainable = False
+
+    def embed(self, x):
+        return x[..., : x.shape[-1] // 2]
+'''
+
+TINY = {
+    "run_id": "tiny",
+    "data": "synthetic",
+    "synthetic": {
+        "seed": 3,
+        "world": {"num_categories": 8, "num_train_instances": 120, "num_valid_instances": 24,
+                  "num_eval_instances": 24, "num_distractors": 200, "inquire_num_queries": 6,
+                  "inquire_num_distractors": 150, "groups_per_category": 4},
+        "backbones": {"tiny-a": {"dim": 160, "noise": 0.05}, "tiny-b": {"dim": 192, "noise": 0.03}},
+    },
+    "backbones": ["tiny-a", "tiny-b"],
+    "evaluation": {"ilias": {"k": 100, "rerank_shortlist": 50}, "inquire": {"k": 20}},
+    "mining": {"k": 10},
+    "methods": {"identity": {}, "linear_adaptation": {"epochs": 1}, "quari": {}, "oracle": {},
+                "toy": {"type": "toy_first_half"}},
+    "quari": {"model": {"hidden_dim": 32, "nhead": 2, "num_layers": 1, "num_steps": 2, "rank": 4},
+              "train": {"max_steps": 6, "batch_size": 32, "eval_every": 3}},
+    "figures": {"tsne": {"backbone": "tiny-b", "distractors": 60}, "cost_accuracy": {"backbone": "tiny-b"}},
+}
+
+
+def snakemake(workdir, *args):
+    cmd = [str(SNAKEMAKE), "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+           "--cores", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.fixture
+def toy_baseline():
+    path = ROOT / "baselines" / "toy_first_half.py"
+    path.write_text(TOY_BASELINE)
+    yield
+    path.unlink()
+
+
+def test_dag_end_to_end_on_tiny_config(tmp_path, toy_baseline):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    run = snakemake(tmp_path, "results/table1.csv", "--configfile", str(config),
+                    "--replace-workflow-config")
+    assert run.returncode == 0, run.stderr[-4000:]
+    for out in ("results/table1.csv", "results/table1.md", "results/table2.csv", "results/table3.csv",
+                "figures/fig3_tsne.png", "figures/fig3_tsne.pdf", "figures/fig4_cost_accuracy.png",
+                "figures/fig4_cost_accuracy.pdf"):
+        assert (tmp_path / out).stat().st_size > 0, out
+    table = pd.read_csv(tmp_path / "results/table1.csv")
+    ours = table[table["data"] == "synthetic"]
+    assert set(ours["backbone"]) == {"tiny-a", "tiny-b"}
+    assert {"backbone", "quari", "oracle", "linear_adaptation", "toy"} <= set(ours["method"])
+    assert set(ours["setting"].str.split("@").str[0]) == {"i2i", "t2i"}
+    assert ours["value"].between(0, 100).all()
+    assert ours["paper_value"].isna().all(), "synthetic rows must never be compared with the paper"
+    assert (ours["run_id"] == "tiny").all()
+    # every rule wrote a log
+    logs = list((tmp_path / "results/logs").rglob("*.log"))
+    assert len(logs) >= 1 + 2 + 2 + 2 * 5 + 2 * 2 * 5 + 3
+    # a second run has nothing to do: nothing is recomputed or overwritten
+    again = snakemake(tmp_path, "results/table1.csv", "--configfile", str(config),
+                      "--replace-workflow-config", "-n")
+    assert again.returncode == 0
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_bad_config_fails_before_running(tmp_path):
+    bad = dict(TINY, backbones=["tiny-a", "not-defined"])
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(bad))
+    run = snakemake(tmp_path, "-n", "--configfile", str(config), "--replace-workflow-config")
+    assert run.returncode != 0
+    assert "not-defined" in run.stderr + run.stdout
+
+
+def test_lint_is_clean():
+    run = subprocess.run([str(SNAKEMAKE), "--lint", "--snakefile", str(ROOT / "Snakefile")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Lints for" not in run.stdout + run.stderr, run.stdout + run.stderr
