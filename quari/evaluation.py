@@ -128,6 +128,7 @@ def score_ranking(task: RetrievalTask, indices: np.ndarray, benchmark: str, k: i
 
 
 def k_label(k: int) -> str:
+    """A cut-off as the papers write it: 1000 is "1k"."""
     return "1k" if k == 1000 else str(k)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,8 @@ class _Tee:
 @contextlib.contextmanager
 def log_to(path: str | Path | None, level: int = logging.INFO):
     """Within the block, log records and stderr (tqdm progress, warnings) also go to ``path``."""
+    # progress bars in a log file: one update every few seconds, not one per step
+    os.environ.setdefault("TQDM_MININTERVAL", "5")
     if path is None:
         logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         yield

@@ -11,7 +11,7 @@ so one pass computing d [L | R] costs O(E r) per row and query, against O(E^2) f
 dense matrix (what the released code does, and what :func:`dense_scores` keeps as the reference).
 When a = 0 (the paper's pure low-rank map) only P is needed.
 
-The streaming search (:func:`topk`, no gradients) first orthonormalises R = Q T (reduced QR) so
+The streaming search (:func:`topk`, no gradients) first orthonormalises R = Q T (QR) so
 that m(d) = a d_perp + (d A) Q^T with A = a Q + s L T^T and d_perp = d - d Q Q^T. Then
 
     q . m(d)   = d . w                    with w = a q + s L (R^T q)
@@ -38,6 +38,9 @@ NORM_EPS = 1e-12
 # Largest number of elements of one projected block (rows x queries x factor columns) that
 # topk materialises at once; 2**25 float32 values are 128 MiB.
 BLOCK_ELEMENTS = 2 ** 25
+
+# Largest |Q^T Q - I| accepted from Cholesky QR before falling back to Householder QR.
+ORTHONORMAL_TOL = 1e-8
 
 Gallery = torch.Tensor | np.ndarray
 
@@ -176,10 +179,32 @@ def _check_gallery(gallery: Gallery, dim: int, k: int) -> int:
     return gallery.shape[0]
 
 
+def _orthonormal_basis(right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q [B, E, k] with orthonormal columns and T [B, k, r] such that right = Q T.
+
+    Cholesky QR in float64 (two small BLAS-3 steps; LAPACK's batched QR can be orders of
+    magnitude slower on busy CPUs), with Householder QR for the queries whose R is rank
+    deficient or too ill-conditioned for it.
+    """
+    r64 = right.double()
+    batch, dim, rank = r64.shape
+    if rank > dim:
+        q_basis, tri = torch.linalg.qr(r64)
+        return q_basis.to(right.dtype), tri.to(right.dtype)
+    tri, info = torch.linalg.cholesky_ex(r64.transpose(1, 2) @ r64, upper=True)
+    q_basis = torch.linalg.solve_triangular(tri, r64, upper=True, left=False)
+    eye = torch.eye(rank, dtype=torch.float64, device=right.device)
+    error = (q_basis.transpose(1, 2) @ q_basis - eye).abs().amax(dim=(1, 2))
+    bad = (info != 0) | ~(error <= ORTHONORMAL_TOL)
+    if bad.any():
+        q_basis[bad], tri[bad] = torch.linalg.qr(r64[bad])
+    return q_basis.to(right.dtype), tri.to(right.dtype)
+
+
 def _search_columns(transform: QueryTransform) -> tuple[torch.Tensor, int]:
     """Per-query columns [B, E, c] = [A | Q | w] of the orthonormalised form, and A's width."""
     a, s = transform.anchor, transform.scale
-    q_basis, tri = torch.linalg.qr(transform.right)  # R = Q T, Q orthonormal
+    q_basis, tri = _orthonormal_basis(transform.right)  # R = Q T, Q orthonormal
     mixed = s * transform.left @ tri.transpose(1, 2)
     w = a * transform.query + s * torch.einsum(
         "ber,br->be", transform.left, torch.einsum("ber,be->br", transform.right, transform.query))

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from quari.evaluation import k_label
+
 COLUMNS = ["table", "benchmark", "setting", "backbone", "method", "metric", "value", "paper_value",
            "delta", "shortlist", "ms_per_1k_pairs", "data", "run_id"]
 
@@ -24,6 +26,13 @@ PAPER_NAME = {"identity": ("backbone", "initial_ranking")}
 def size_label(n: int) -> str:
     """Gallery size as the paper writes it (5M, 100M), or the exact count below a million."""
     return f"{round(n / 1_000_000)}M" if n >= 1_000_000 else str(n)
+
+
+#: our (benchmark, setting) -> the paper's wording of the same setting
+PAPER_SETTING = {
+    ("inquire", "t2i@5M"): "fullrank (not labelled in the paper; most likely)",
+    ("inquire", "rerank top-100"): "rerank top-100 (INQUIRE-Rerank)",
+}
 
 
 def _scale(metric: str, value: float) -> float:
@@ -41,9 +50,11 @@ def evaluation_rows(evaluations: Iterable[dict]) -> pd.DataFrame:
                 if mode == "search":
                     setting = f"{task}@{size_label(res['gallery_size'])}"
                 elif ev["benchmark"] == "ilias":
-                    setting = f"{task}@{size_label(ev['gallery_size'])} rerank top-{res['shortlist']}"
+                    setting = f"{task}@{size_label(ev['gallery_size'])} rerank top-{k_label(res['shortlist'])}"
                 else:
-                    setting = f"rerank top-{res['shortlist']}"
+                    setting = f"rerank top-{k_label(res['shortlist'])}"
+                if not synthetic:
+                    setting = PAPER_SETTING.get((ev["benchmark"], setting), setting)
                 paper_method = ev["method"]
                 if ev["method_type"] in PAPER_NAME:
                     paper_method = PAPER_NAME[ev["method_type"]][mode == "rerank"]

@@ -3,6 +3,8 @@ module, refusal of unsafe pickles, and our own save/load round trip."""
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,3 +224,40 @@ def test_load_pretrained_rejects_unknown_version(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "format_version": 99}))
     with pytest.raises(ValueError, match="format_version"):
         checkpoint.load_pretrained(tmp_path)
+
+
+def test_hub_round_trip_without_network(monkeypatch, tmp_path, released):
+    """push_to_hub uploads our layout; from_hub loads what snapshot_download returns."""
+    import huggingface_hub
+
+    hub = tmp_path / "hub"
+
+    class FakeApi:
+        def __init__(self, token=None):
+            self.token = token
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            (hub / repo_id).mkdir(parents=True, exist_ok=exist_ok)
+
+        def upload_folder(self, folder_path, repo_id, commit_message=None):
+            for f in Path(folder_path).iterdir():
+                shutil.copy(f, hub / repo_id / f.name)
+
+    def fake_snapshot(repo_id, revision=None, cache_dir=None, allow_patterns=None):
+        return str(hub / repo_id)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    model = checkpoint.load_released(released[1])
+    url = checkpoint.push_to_hub(model, "me/quari-test", token="t")
+    assert url.endswith("me/quari-test")
+    assert sorted(p.name for p in (hub / "me/quari-test").iterdir()) == ["config.json",
+                                                                         "model.safetensors"]
+    loaded = checkpoint.from_hub("me/quari-test")
+    # a hub repo in the released layout goes through load_released
+    shutil.copytree(released[1], hub / "authors" / "released")
+    original = checkpoint.from_hub("authors/released")
+    queries = torch.randn(2, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(queries).left, model(queries).left)
+        assert torch.equal(original(queries).left, model(queries).left)

@@ -238,3 +238,13 @@ def test_topk_cuda_matches_cpu():
     gpu = scoring.topk(t, gallery, 50, chunk_rows=300, device="cuda")
     torch.testing.assert_close(gpu[0].cpu(), cpu[0], atol=1e-4, rtol=0)
     assert (gpu[1].cpu() == cpu[1]).float().mean() > 0.95
+
+
+def test_orthonormal_basis_full_and_deficient_rank():
+    right = torch.randn(3, 20, 6, dtype=torch.float64)
+    right[1, :, 2] = 0.0  # Cholesky fails: Householder fallback
+    right[2, :, 4] = right[2, :, 5]
+    q_basis, tri = scoring._orthonormal_basis(right)
+    torch.testing.assert_close(q_basis @ tri, right)
+    torch.testing.assert_close(q_basis.transpose(1, 2) @ q_basis,
+                               torch.eye(6, dtype=torch.float64).expand(3, 6, 6))

@@ -279,7 +279,8 @@ def test_config_from_dict_rejects_unknown_and_bad_values():
     with pytest.raises(ValueError, match="num_categoriez"):
         syn.WorldConfig.from_dict({"num_categoriez": 3})
     for bad in ({"latent_dim": 2.5}, {"noise": -1.0}, {"nuisance_overlap": 1.5},
-                {"identity_dim": 200}, {"inquire_min_relevant": 50}):
+                {"identity_dim": 200}, {"inquire_min_relevant": 50},
+                {"category_strength": 0.0}, {"unknown_thing": 1}):
         with pytest.raises(ValueError):
             syn.WorldConfig.from_dict(bad)
     with pytest.raises(ValueError, match="noize"):
