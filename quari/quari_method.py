@@ -97,7 +97,8 @@ class QuARIMethod(TransformMethod):
               semipositives: SemiPositives | None) -> TrainingData:
         queries, rows = training_pairs(collection, self.params["image_query_fraction"], seed)
         return make_training_data(np.asarray(collection.images.embeddings, dtype=np.float32),
-                                  collection.images.ids, queries, rows, semipositives)
+                                  collection.images.ids, queries, rows, semipositives,
+                                  image_labels=collection.image_labels)
 
     def fit(self, train: TrainingCollection, valid: TrainingCollection | None = None,
             workdir=None, semipositives: SemiPositives | None = None, **context):

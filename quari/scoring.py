@@ -17,8 +17,8 @@ that m(d) = a d_perp + (d A) Q^T with A = a Q + s L T^T and d_perp = d - d Q Q^T
     q . m(d)   = d . w                    with w = a q + s L (R^T q)
     ||m(d)||^2 = a^2 (||d||^2 - ||d Q||^2) + ||d A||^2
 
-and every per-row quantity comes out of one matrix product d [A | Q | w] followed by two squared
-norms: still O(E r) per row and query, with no r x r product per row.
+and every per-row quantity comes out of the matrix products d [A | Q] and d w followed by two
+squared norms: still O(E r) per row and query, with no r x r product per row.
 
 Everything here except the streaming searches is differentiable and used by training.
 """
@@ -201,26 +201,29 @@ def _orthonormal_basis(right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return q_basis.to(right.dtype), tri.to(right.dtype)
 
 
-def _search_columns(transform: QueryTransform) -> tuple[torch.Tensor, int]:
-    """Per-query columns [B, E, c] = [A | Q | w] of the orthonormalised form, and A's width."""
+def _search_columns(transform: QueryTransform) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query columns [B, E, c] = [A | Q] (just A when unanchored) and w [B, E]."""
     a, s = transform.anchor, transform.scale
     q_basis, tri = _orthonormal_basis(transform.right)  # R = Q T, Q orthonormal
     mixed = s * transform.left @ tri.transpose(1, 2)
     w = a * transform.query + s * torch.einsum(
         "ber,br->be", transform.left, torch.einsum("ber,be->br", transform.right, transform.query))
     if a == 0:
-        return torch.cat([mixed, w[..., None]], dim=2), mixed.shape[2]
-    return torch.cat([mixed + a * q_basis, q_basis, w[..., None]], dim=2), mixed.shape[2]
+        return mixed, w
+    return torch.cat([mixed + a * q_basis, q_basis], dim=2), w
 
 
-def _search_scores(proj: torch.Tensor, width: int, anchor: float,
+def _search_scores(num: torch.Tensor, proj: torch.Tensor, anchor: float,
                    dd: torch.Tensor | None) -> torch.Tensor:
-    """Cosines [n, b] from proj = d [A | Q | w] ([n, b, c]) and ||d||^2 ([n])."""
-    sq = torch.linalg.vector_norm(proj[..., :width], dim=-1).square()
-    if anchor != 0:
-        q_part = torch.linalg.vector_norm(proj[..., width:2 * width], dim=-1).square()
-        sq = sq + anchor * anchor * (dd[:, None] - q_part)
-    return proj[..., -1] / sq.clamp_min(NORM_EPS ** 2).sqrt()
+    """Cosines [n, b] from num = d . w ([n, b]), proj = d [A | Q] ([n, b, c]), ||d||^2 ([n])."""
+    if anchor == 0:
+        sq = torch.linalg.vector_norm(proj, dim=-1).square()
+    else:
+        width = proj.shape[-1] // 2
+        sq = (torch.linalg.vector_norm(proj[..., :width], dim=-1).square()
+              + anchor * anchor * (dd[:, None]
+                                   - torch.linalg.vector_norm(proj[..., width:], dim=-1).square()))
+    return num / sq.clamp_min(NORM_EPS ** 2).sqrt()
 
 
 @torch.no_grad()
@@ -240,7 +243,7 @@ def topk(transform: QueryTransform, gallery: Gallery, k: int, chunk_rows: int = 
     device = torch.device(device) if device is not None else transform.query.device
     dtype = _compute_dtype(transform.query.dtype)
     t = transform.detach().to(device=device, dtype=dtype)
-    columns, width = _search_columns(t)
+    columns, w = _search_columns(t)
     batch, dim, c = columns.shape
     block = max(1, min(batch, BLOCK_ELEMENTS // max(1, min(chunk_rows, n_rows) * c)))
     blocks = [slice(b, min(b + block, batch)) for b in range(0, batch, block)]
@@ -250,10 +253,11 @@ def topk(transform: QueryTransform, gallery: Gallery, k: int, chunk_rows: int = 
     for start in range(0, n_rows, chunk_rows):
         rows = read_rows(gallery, start, min(start + chunk_rows, n_rows), device, dtype)
         ids = torch.arange(start, start + rows.shape[0], device=device)
+        num = rows @ w.T  # [n, B]: every numerator in one product
         dd = (rows * rows).sum(-1) if t.anchor != 0 else None
-        for j, mat in enumerate(mats):
+        for j, (sl, mat) in enumerate(zip(blocks, mats)):
             proj = (rows @ mat).view(rows.shape[0], -1, c)
-            s = _search_scores(proj, width, t.anchor, dd).T.float()
+            s = _search_scores(num[:, sl], proj, t.anchor, dd).T.float()
             best[j] = merge_topk(*best[j], s, ids.expand(s.shape[0], -1), k)
     return torch.cat([b[0] for b in best]), torch.cat([b[1] for b in best])
 

@@ -72,6 +72,8 @@ class TrainConfig:
     use_noise: bool = True  # modality-gap noise on training queries (ablation "no noise": False)
     noise_scale: float = 1.0  # q <- q + s * noise_scale * n, s ~ U[0,1] per query, n ~ N(0, I)
     use_semipositives: bool = True  # semi-positives in the loss (ablation: False)
+    hard_negative_clusters: int = 0  # >0: k-means the target images into this many clusters and
+    # draw each micro-batch from one cluster (harder in-batch negatives); 0 = uniform batches
     amp: bool = True  # mixed precision on CUDA (released: fp16 "16-mixed"); never on CPU
     amp_dtype: str = "float16"  # "float16" (with loss scaling, as released) or "bfloat16"
     eval_every: int = 500  # optimizer steps between validation losses (released: 500 batches)
@@ -93,6 +95,8 @@ class TrainConfig:
                                  f"got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"TrainConfig.max_steps must be at least 1, got {self.max_steps}")
+        if self.hard_negative_clusters < 0:
+            raise ValueError("TrainConfig.hard_negative_clusters must be >= 0")
         if self.early_stopping_patience < 0 or self.grad_clip < 0 or self.noise_scale < 0:
             raise ValueError("early_stopping_patience, grad_clip and noise_scale must be >= 0")
         if not 0 < self.warmup_fraction < 1:
@@ -130,9 +134,14 @@ class TrainingData:
     targets: torch.Tensor  # [M] int64 row of ``images`` each query belongs to
     semipositives: torch.Tensor | None = None  # [M, S] int64 rows of ``images``, -1 = absent
     semipositive_weights: torch.Tensor | None = None  # [M, S] weights, 0 where absent
+    image_groups: torch.Tensor | None = None  # [N] int64 positive group of each image (e.g. its
+    # instance): images of one group are never each other's negatives; None = each image alone
 
     def __post_init__(self) -> None:
         m, e = self.queries.shape
+        if self.image_groups is not None and self.image_groups.shape != (len(self.images),):
+            raise ValueError(f"image_groups must be [N={len(self.images)}], "
+                             f"got {tuple(self.image_groups.shape)}")
         if self.images.dim() != 2 or self.images.shape[1] != e:
             raise ValueError(f"images must be [N, E={e}], got {tuple(self.images.shape)}")
         if self.targets.shape != (m,):
@@ -156,13 +165,15 @@ class TrainingData:
 
 def make_training_data(image_embeddings: np.ndarray, image_ids: Sequence,
                        query_embeddings: np.ndarray, query_image: np.ndarray,
-                       semipositives: SemiPositives | None = None) -> TrainingData:
+                       semipositives: SemiPositives | None = None,
+                       image_labels: np.ndarray | None = None) -> TrainingData:
     """Training pairs from queries and the rows of ``image_embeddings`` they describe.
 
     ``image_ids`` [Ni] may repeat; images are deduplicated by id (with ``semipositives``' own
     deduplication when given, which must come from mining these same images). ``query_image``
     [M] is each query's row in ``image_embeddings``. Images are L2-normalised; queries are kept
-    as they are.
+    as they are. ``image_labels`` [Ni] (e.g. instance labels, -1 = unknown) make images of one
+    label positives of each other: they are never used as each other's in-batch negatives.
     """
     query_image = np.asarray(query_image, dtype=np.int64)
     if len(query_image) != len(query_embeddings):
@@ -178,10 +189,17 @@ def make_training_data(image_embeddings: np.ndarray, image_ids: Sequence,
             raise ValueError("semi-positives were mined from other images than these")
         semi_rows = torch.as_tensor(semipositives.indices[targets], dtype=torch.int64)
         semi_weights = torch.as_tensor(semipositives.weights[targets], dtype=torch.float32)
+    groups = None
+    if image_labels is not None:
+        labels = np.asarray(image_labels, dtype=np.int64)[deduped.source_rows]
+        unknown = labels < 0  # an unlabelled image is a group of its own
+        labels[unknown] = labels.max(initial=0) + 1 + np.flatnonzero(unknown)
+        groups = torch.as_tensor(labels)
     return TrainingData(queries=torch.as_tensor(np.asarray(query_embeddings, dtype=np.float32)),
                         images=torch.as_tensor(deduped.embeddings),
                         targets=torch.as_tensor(targets, dtype=torch.int64),
-                        semipositives=semi_rows, semipositive_weights=semi_weights)
+                        semipositives=semi_rows, semipositive_weights=semi_weights,
+                        image_groups=groups)
 
 
 @dataclass
@@ -214,8 +232,11 @@ def make_batch(data: TrainingData, rows: torch.Tensor, device: torch.device,
     queries = data.queries[rows].to(device=device, dtype=torch.float32)
     if generator is not None:
         queries = add_modality_gap_noise(queries, noise_scale, generator)
-    target_ids = data.targets[rows]
-    targets = data.images[target_ids].to(device=device, dtype=torch.float32)
+    target_rows = data.targets[rows]
+    targets = data.images[target_rows].to(device=device, dtype=torch.float32)
+    # ids compared by the loss's masks: the image row, or its positive group when known
+    group = (lambda r: r) if data.image_groups is None else (lambda r: data.image_groups[r])
+    target_ids = group(target_rows)
     if not use_semipositives or data.semipositives is None:
         return Batch(queries, targets, target_ids.to(device), None, None, None)
     semi_ids = data.semipositives[rows]
@@ -223,7 +244,7 @@ def make_batch(data: TrainingData, rows: torch.Tensor, device: torch.device,
     weights = torch.where(present, data.semipositive_weights[rows].float(), 0.0)
     semis = data.images[semi_ids.clamp_min(0)].float() * present[..., None]
     return Batch(queries, targets, target_ids.to(device), semis.to(device), weights.to(device),
-                 torch.where(present, semi_ids, -1).to(device))
+                 torch.where(present, group(semi_ids.clamp_min(0)), -1).to(device))
 
 
 class NonFiniteError(RuntimeError):
@@ -272,9 +293,30 @@ def _derived_seed(seed: int, purpose: str) -> int:
     return zlib.crc32(f"{seed}:{purpose}".encode())
 
 
-def _epoch_order(seed: int, epoch: int, size: int) -> torch.Tensor:
+def _epoch_order(seed: int, epoch: int, size: int, clusters: torch.Tensor | None = None,
+                 batch_size: int = 1) -> torch.Tensor:
+    """An epoch's order of the pairs: a seeded permutation, or, with ``clusters`` [size], pairs
+    grouped by cluster (shuffled inside each) cut into batches whose order is shuffled, so that
+    most micro-batches hold one cluster."""
     generator = torch.Generator().manual_seed(_derived_seed(seed, f"epoch{epoch}"))
-    return torch.randperm(size, generator=generator)
+    order = torch.randperm(size, generator=generator)
+    if clusters is None:
+        return order
+    order = order[torch.sort(clusters[order], stable=True).indices]
+    batches = list(torch.split(order, batch_size))
+    return torch.cat([batches[i] for i in torch.randperm(len(batches), generator=generator)])
+
+
+def cluster_pairs(data: TrainingData, clusters: int, seed: int) -> torch.Tensor:
+    """The k-means cluster [M] of every pair's target image (exact, seeded faiss k-means)."""
+    import faiss
+
+    images = np.ascontiguousarray(data.images.float().numpy())
+    k = min(clusters, len(images))
+    kmeans = faiss.Kmeans(images.shape[1], k, niter=20, seed=seed, spherical=True, verbose=False)
+    kmeans.train(images)
+    _, assign = kmeans.index.search(images, 1)
+    return torch.from_numpy(assign[:, 0].astype(np.int64))[data.targets]
 
 
 def _micro_batches_per_epoch(size: int, batch_size: int) -> int:
@@ -469,13 +511,17 @@ def train(config: TrainConfig, model_config: QuARIConfig, train_data: TrainingDa
     bar = tqdm(total=steps, initial=state.step, desc="training QuARI", unit="step",
                disable=not progress)
     order, order_epoch = None, -1
+    clusters = (cluster_pairs(train_data, config.hard_negative_clusters, config.seed)
+                if config.hard_negative_clusters else None)
     model.train()
     try:
         while state.step < steps and not state.finished:
             step = state.step + 1
             epoch, position = divmod(state.step, per_epoch)
             if epoch != order_epoch:
-                order, order_epoch = _epoch_order(config.seed, epoch, len(train_data)), epoch
+                order = _epoch_order(config.seed, epoch, len(train_data), clusters,
+                                     config.batch_size)
+                order_epoch = epoch
             optimizer.zero_grad(set_to_none=True)
             loss_sum = 0.0
             for micro in range(config.grad_accum):

@@ -83,3 +83,8 @@ def test_environment_yml_and_requirements_name_the_same_packages():
     # the one intended difference: faiss-gpu in conda where pip uses faiss-cpu
     assert req.pop("faiss-cpu") == conda.pop("faiss-gpu")
     assert req == conda
+
+
+def test_shipped_paper_config_is_valid():
+    config = load_config(ROOT / "workflow/config/paper.yaml", SCHEMA)
+    assert config["data"] == "real" and len(config["backbones"]) == 7

@@ -139,14 +139,15 @@ def test_topk_memmap_fp16(tmp_path):
 
 
 def test_topk_ties_go_to_lower_index():
-    # integer data makes every product exact, so duplicated rows score exactly alike
+    # integer data and orthonormal basis vectors as the right factor make every product exact
+    # (whatever the summation order), so duplicated rows score exactly alike
     g = torch.Generator().manual_seed(3)
     base = torch.randint(-3, 4, (4, 12), generator=g).double()
     gallery = base[torch.randint(0, 4, (40,), generator=g)]
+    right = torch.eye(12, dtype=torch.float64)[:, [2, 7]].expand(3, 12, 2)
     t = QueryTransform(query=torch.randint(-2, 3, (3, 12), generator=g).double(),
                        left=torch.randint(-1, 2, (3, 12, 2), generator=g).double(),
-                       right=torch.randint(-1, 2, (3, 12, 2), generator=g).double(),
-                       scale=0.5, anchor=1.0)
+                       right=right, scale=0.5, anchor=1.0)
     full = scoring.scores(t, gallery)
     assert full[0].unique().numel() < 40  # there are ties to break
     ref = torch.sort(full, dim=1, descending=True, stable=True).indices[:, :25]
@@ -159,7 +160,7 @@ def test_topk_query_blocks(monkeypatch):
     t = random_transform(7, 16, 4, "released")
     gallery = torch.randn(45, 16)
     whole = scoring.topk(t, gallery, 9, chunk_rows=10)
-    monkeypatch.setattr(scoring, "BLOCK_ELEMENTS", 10 * 9 * 2)  # two queries per block
+    monkeypatch.setattr(scoring, "BLOCK_ELEMENTS", 10 * 8 * 2)  # two queries per block
     blocked = scoring.topk(t, gallery, 9, chunk_rows=10)
     assert torch.equal(whole[1], blocked[1])
     torch.testing.assert_close(whole[0], blocked[0])
@@ -248,3 +249,14 @@ def test_orthonormal_basis_full_and_deficient_rank():
     torch.testing.assert_close(q_basis @ tri, right)
     torch.testing.assert_close(q_basis.transpose(1, 2) @ q_basis,
                                torch.eye(6, dtype=torch.float64).expand(3, 6, 6))
+
+
+def test_query_transform_validates_shapes():
+    q = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="left"):
+        QueryTransform(q, torch.randn(2, 7, 3), torch.randn(2, 8, 3), 1.0, 0.0)
+    with pytest.raises(ValueError, match="rank"):
+        QueryTransform(q, torch.randn(2, 8, 3), torch.randn(2, 8, 4), 1.0, 0.0)
+    t = QueryTransform(q, torch.randn(2, 8, 3), torch.randn(2, 8, 3), 1.0, 0.0)
+    assert (t.batch_size, t.dim, t.rank) == (2, 8, 3)
+    assert torch.equal(t[1].query, q[1:2]) and torch.equal(t[-1].left, t.left[-1:])

@@ -6,6 +6,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir)))
 
+from snakemake.exceptions import WorkflowError  # noqa: E402
+
 from quari.config import validate_config  # noqa: E402
 
 config.update(validate_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"))
@@ -16,6 +18,11 @@ METHODS = config["methods"]
 ILIAS_TASKS = config["evaluation"]["ilias"]["tasks"]
 BENCHMARKS = ["ilias", "inquire"]
 TRAINSET = "synthetic" if config["data"] == "synthetic" else "train"
+
+if config["data"] == "real":
+    raise WorkflowError(
+        "data: real needs the real-data stage (ILIAS / INQUIRE downloads, backbones, embedding "
+        "cache), which is not implemented yet; run the offline default (workflow/config/config.yaml)")
 
 if config["data"] == "synthetic":
     _unknown = [b for b in BACKBONES if b not in config["synthetic"]["backbones"]]
