@@ -104,7 +104,10 @@ class RetrievalMethod(ABC):
         """Scores [B, K] of each query's shortlist (row indices [B, K] into the gallery)."""
         q = as_tensor(queries, self.device)
         shortlist = np.asarray(shortlist)
-        candidates = as_tensor(np.stack([np.asarray(gallery[r]) for r in shortlist]), self.device)
+        if isinstance(gallery, torch.Tensor):
+            candidates = as_tensor(gallery[torch.from_numpy(shortlist)], self.device)
+        else:  # one fancy-indexing gather [B, K, E] (works on memory-mapped arrays too)
+            candidates = as_tensor(np.asarray(gallery)[shortlist], self.device)
         with torch.no_grad():
             return self.score_candidates(self.prepare(q, query_ids), q, candidates, query_ids).cpu()
 

@@ -46,6 +46,8 @@ def log_to(path: str | Path | None, level: int = logging.INFO):
         root = logging.getLogger()
         root.addHandler(handler)
         root.setLevel(level)
+        # faiss logs each CPU-feature build it tries before the one that loads: not news
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
         logging.captureWarnings(True)
         try:
             yield
