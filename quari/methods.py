@@ -41,6 +41,12 @@ class RetrievalMethod(ABC):
     label: ClassVar[str] = ""
     #: False for methods with nothing to learn (fit is a no-op)
     trainable: ClassVar[bool] = True
+    #: True for methods that can only re-rank a given shortlist (``search`` raises
+    #: NotImplementedError), such as local-feature matching, which needs each candidate's id
+    reranker_only: ClassVar[bool] = False
+    #: False when a row's score depends on the other rows ranked with it (query expansion from the
+    #: top of the ranking): then ``search`` is not ``score`` sorted, nor ``rerank`` a slice of it
+    scores_rows_independently: ClassVar[bool] = True
 
     def __init__(self, **params: Any):
         self.params = dict(params)

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import baselines
+from baselines.local_features import LocalFeatureReranker
+from quari.local_matching import save_local_descriptors
 from quari.methods import RetrievalMethod
 from quari.mining import mine_semipositives
 
@@ -32,6 +34,16 @@ def fit_context(name, tmp_path, rng, query_ids, train):
     if name == "quari":
         return {"semipositives": mine_semipositives(np.asarray(train.images.embeddings),
                                                     train.images.ids, k=5, top_n=2)}
+    if issubclass(baselines.get_method(name), LocalFeatureReranker):
+        n_db, n_q = len(train.images.ids), len(query_ids)
+        save_local_descriptors(tmp_path / "db_local.npz", train.images.ids,
+                               rng.standard_normal((n_db, 10, 8)), rng.random((n_db, 10, 2)),
+                               counts=rng.integers(4, 11, n_db))
+        save_local_descriptors(tmp_path / "q_local.npz", query_ids, rng.standard_normal((n_q, 30, 8)),
+                               rng.random((n_q, 30, 2)))
+        return {"local_descriptors": str(tmp_path / "db_local.npz"),
+                "query_local_descriptors": str(tmp_path / "q_local.npz"),
+                "gallery_ids": train.images.ids}
     return {}
 
 
@@ -50,26 +62,53 @@ def test_method_conformance(name, tmp_path, rng):
                       **fit_context(name, tmp_path, rng, query_ids, train)) is method
 
     k = 7
-    scores, idx = method.search(queries, gallery, k, chunk_rows=5, query_ids=query_ids)
-    assert scores.shape == idx.shape == (5, k)
-    assert torch.all(scores[:, :-1] >= scores[:, 1:] - 1e-6), "search must sort descending"
-    # brute force: score every row at once and sort
-    with torch.no_grad():
-        full = method.score(method.prepare(torch.from_numpy(queries), query_ids), torch.from_numpy(gallery))
-    ref = torch.sort(full, dim=1, descending=True, stable=True)
-    torch.testing.assert_close(scores, ref.values[:, :k], atol=1e-5, rtol=1e-5)
-    assert (idx == ref.indices[:, :k]).float().mean() > 0.9  # ties may swap
+    if cls.reranker_only:
+        with pytest.raises(NotImplementedError):
+            method.search(queries, gallery, k, chunk_rows=5, query_ids=query_ids)
+    else:
+        scores, idx = method.search(queries, gallery, k, chunk_rows=5, query_ids=query_ids)
+        assert scores.shape == idx.shape == (5, k)
+        assert torch.all(scores[:, :-1] >= scores[:, 1:] - 1e-6), "search must sort descending"
+        if cls.scores_rows_independently:
+            # brute force: score every row at once and sort
+            with torch.no_grad():
+                full = method.score(method.prepare(torch.from_numpy(queries), query_ids),
+                                    torch.from_numpy(gallery))
+        else:  # scores depend on the rows ranked together: search = re-ranking the whole gallery
+            everything = np.tile(np.arange(len(gallery)), (5, 1))
+            full = method.rerank(queries, gallery, everything, query_ids=query_ids)
+        ref = torch.sort(full, dim=1, descending=True, stable=True)
+        torch.testing.assert_close(scores, ref.values[:, :k], atol=1e-5, rtol=1e-5)
+        assert (idx == ref.indices[:, :k]).float().mean() > 0.9  # ties may swap
 
-    # re-ranking a shortlist gives each candidate the score it has in the full ranking
     shortlist = np.stack([rng.permutation(len(gallery))[:6] for _ in range(5)])
     rr = method.rerank(queries, gallery, shortlist, query_ids=query_ids)
-    torch.testing.assert_close(rr, torch.gather(full, 1, torch.from_numpy(shortlist)), atol=1e-5, rtol=1e-5)
+    assert rr.shape == shortlist.shape
+    if cls.scores_rows_independently and not cls.reranker_only:
+        # re-ranking a shortlist gives each candidate the score it has in the full ranking
+        torch.testing.assert_close(rr, torch.gather(full, 1, torch.from_numpy(shortlist)),
+                                   atol=1e-5, rtol=1e-5)
+    elif cls.scores_rows_independently:
+        # brute force: every (query, candidate) pair re-ranked on its own
+        alone = torch.tensor([[method.rerank(queries[b:b + 1], gallery, shortlist[b:b + 1, j:j + 1],
+                                             query_ids=query_ids[b:b + 1]).item()
+                               for j in range(shortlist.shape[1])] for b in range(5)])
+        torch.testing.assert_close(rr, alone, atol=1e-5, rtol=1e-5)
+    else:
+        # the candidate set matters, its order does not
+        perm = rng.permutation(shortlist.shape[1])
+        torch.testing.assert_close(method.rerank(queries, gallery, shortlist[:, perm], query_ids=query_ids),
+                                   rr[:, perm], atol=1e-5, rtol=1e-5)
 
     # save / load round trip
     method.save(tmp_path / "saved")
     again = cls.load(tmp_path / "saved", device="cpu")
-    s2, i2 = again.search(queries, gallery, k, query_ids=query_ids)
-    torch.testing.assert_close(s2, scores, atol=1e-5, rtol=1e-5)
+    if cls.reranker_only:
+        torch.testing.assert_close(again.rerank(queries, gallery, shortlist, query_ids=query_ids), rr,
+                                   atol=1e-5, rtol=1e-5)
+    else:
+        s2, i2 = again.search(queries, gallery, k, query_ids=query_ids)
+        torch.testing.assert_close(s2, scores, atol=1e-5, rtol=1e-5)
 
 
 def test_unknown_method_lists_the_registry():

@@ -36,12 +36,17 @@ def main(smk):
     for task in tasks:
         log.info("%s %s %s: %d queries, %d gallery rows", w.benchmark, task.name, w.method,
                  len(task.queries), len(gallery))
-        search = evaluate_search(method, task, w.benchmark, k, chunk_rows=ev["chunk_rows"],
-                                 shortlist=ev["shortlist"])
+        if hasattr(method, "set_gallery"):  # re-rankers that look candidates up by id
+            method.set_gallery(gallery.ids)
+        results[task.name] = {}
+        if not cls.reranker_only:  # re-rankers have no full-gallery search of their own
+            results[task.name]["search"] = evaluate_search(
+                method, task, w.benchmark, k, chunk_rows=ev["chunk_rows"], shortlist=ev["shortlist"])
         rerank = evaluate_rerank(method, task, w.benchmark, rerank_k, k, chunk_rows=ev["chunk_rows"])
-        log.info("search %s | rerank top-%d %s (%.3f ms / 1k pairs)", search["metrics"], rerank_k,
+        results[task.name]["rerank"] = rerank
+        log.info("%s | rerank top-%d %s (%.3f ms / 1k pairs)",
+                 results[task.name].get("search", {}).get("metrics", "re-ranker only"), rerank_k,
                  rerank["metrics"], rerank["ms_per_1k_pairs"])
-        results[task.name] = {"search": search, "rerank": rerank}
     atomic_write_json(smk.output[0], {
         "run_id": p.run_id, "data": p.data, "benchmark": w.benchmark, "backbone": w.backbone,
         "method": w.method, "method_type": p.method_type, "label": cls.label or cls.name,
