@@ -55,7 +55,8 @@ def directional_losses_from_logits(
         logits: torch.Tensor, target_ids: torch.Tensor,
         semipositive_logits: torch.Tensor | None = None,
         semipositive_weights: torch.Tensor | None = None,
-        semipositive_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        semipositive_ids: torch.Tensor | None = None,
+        group_positives: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(query -> image, image -> query) losses from precomputed, temperature-scaled logits.
 
     ``logits`` [B, B] is S (row i: query i, column j: in-batch target j, true pair on the
@@ -63,6 +64,10 @@ def directional_losses_from_logits(
     ``semipositive_logits`` [B, S] are P and ``semipositive_weights`` [B, S] their weights
     (weight 0 marks an absent semi-positive); ``semipositive_ids`` [B, S] optionally identify
     them, in the id space of ``target_ids``. See the module docstring for the choices.
+
+    With ``group_positives``, in-batch targets sharing a target id (e.g. an instance label: the
+    same object seen in another image) are positives of each other instead of being masked out:
+    every positive gets target weight 1 (alpha normalised to sum to one), in both directions.
     """
     batch = logits.shape[0]
     if logits.shape != (batch, batch) or target_ids.numel() != batch:
@@ -82,15 +87,25 @@ def directional_losses_from_logits(
                       None if semipositive_ids is None else semipositive_ids.to(logits.device),
                       semipositive_weights)
     neg_inf = torch.finfo(logits.dtype).min
+    if group_positives:
+        ids = target_ids.reshape(-1).to(logits.device)
+        positive = ids[:, None] == ids[None, :]
+        mask = mask | positive
+        # the mean logit over each row's (column's) positives replaces the diagonal entry
+        pos_count = positive.sum(dim=1).to(logits.dtype)
+        diag_rows = (logits * positive).sum(dim=1) / pos_count
+        diag_cols = (logits * positive).sum(dim=0) / pos_count
+    else:
+        pos_count = torch.ones(batch, dtype=logits.dtype, device=logits.device)
+        diag_rows = diag_cols = torch.diagonal(logits)
     masked = logits.masked_fill(~mask, neg_inf)
-    diag = torch.diagonal(logits)
 
     # image -> query: column j over the allowed queries, target the diagonal
-    image_to_query = (torch.logsumexp(masked, dim=0) - diag).mean()
+    image_to_query = (torch.logsumexp(masked, dim=0) - diag_cols).mean()
 
     # query -> image: row i over allowed in-batch columns and its own semi-positives
     if semipositive_logits is None:
-        return (torch.logsumexp(masked, dim=1) - diag).mean(), image_to_query
+        return (torch.logsumexp(masked, dim=1) - diag_rows).mean(), image_to_query
     weights = semipositive_weights.to(logits.dtype)
     present = weights > 0
     semi = semipositive_logits.to(logits.dtype).masked_fill(~present, neg_inf)
@@ -99,18 +114,20 @@ def directional_losses_from_logits(
     # cross-entropy against alpha / sum(alpha); absent semi-positives have weight 0 and their
     # log-probability (about -3.4e38 + log_norm) is multiplied by zero, never by inf
     semi_nll = (weights * (log_norm - semi).masked_fill(~present, 0.0)).sum(dim=1)
-    total = 1.0 + weights.sum(dim=1)
-    query_to_image = ((log_norm[:, 0] - diag + semi_nll) / total).mean()
+    total = pos_count + weights.sum(dim=1)
+    query_to_image = ((pos_count * (log_norm[:, 0] - diag_rows) + semi_nll) / total).mean()
     return query_to_image, image_to_query
 
 
 def contrastive_loss_from_logits(logits: torch.Tensor, target_ids: torch.Tensor,
                                  semipositive_logits: torch.Tensor | None = None,
                                  semipositive_weights: torch.Tensor | None = None,
-                                 semipositive_ids: torch.Tensor | None = None) -> torch.Tensor:
+                                 semipositive_ids: torch.Tensor | None = None,
+                                 group_positives: bool = False) -> torch.Tensor:
     """The symmetric loss: mean of :func:`directional_losses_from_logits`."""
     q2i, i2q = directional_losses_from_logits(logits, target_ids, semipositive_logits,
-                                              semipositive_weights, semipositive_ids)
+                                              semipositive_weights, semipositive_ids,
+                                              group_positives)
     return 0.5 * (q2i + i2q)
 
 
@@ -119,7 +136,8 @@ def symmetric_contrastive_loss(transform: QueryTransform, targets: torch.Tensor,
                                semipositives: torch.Tensor | None = None,
                                semipositive_weights: torch.Tensor | None = None,
                                temperature: float = 0.07,
-                               semipositive_ids: torch.Tensor | None = None) -> torch.Tensor:
+                               semipositive_ids: torch.Tensor | None = None,
+                               group_positives: bool = False) -> torch.Tensor:
     """Paper Eq. 9-10 for a batch: ``transform`` of B queries, their ``targets`` [B, E].
 
     ``target_ids`` [B] mark duplicates of the same image; ``semipositives`` [B, S, E] are each
@@ -129,9 +147,9 @@ def symmetric_contrastive_loss(transform: QueryTransform, targets: torch.Tensor,
     """
     logits = scores(transform, targets) / temperature
     if semipositives is None:
-        return contrastive_loss_from_logits(logits, target_ids)
+        return contrastive_loss_from_logits(logits, target_ids, group_positives=group_positives)
     if semipositive_weights is None:
         raise ValueError("semi-positives need their weights")
     semi_logits = candidate_scores(transform, semipositives) / temperature
     return contrastive_loss_from_logits(logits, target_ids, semi_logits, semipositive_weights,
-                                        semipositive_ids)
+                                        semipositive_ids, group_positives)

@@ -72,6 +72,8 @@ class TrainConfig:
     use_noise: bool = True  # modality-gap noise on training queries (ablation "no noise": False)
     noise_scale: float = 1.0  # q <- q + s * noise_scale * n, s ~ U[0,1] per query, n ~ N(0, I)
     use_semipositives: bool = True  # semi-positives in the loss (ablation: False)
+    group_positives: bool = False  # in-batch targets of one positive group (same image, or same
+    # instance when the collection is labelled) are positives of each other, not masked out
     hard_negative_clusters: int = 0  # >0: k-means the target images into this many clusters and
     # draw each micro-batch from one cluster (harder in-batch negatives); 0 = uniform batches
     amp: bool = True  # mixed precision on CUDA (released: fp16 "16-mixed"); never on CPU
@@ -367,7 +369,8 @@ def _batch_loss(model: QuARI, batch: Batch, config: TrainConfig,
         transform = model.transform(batch.queries)
     return symmetric_contrastive_loss(
         transform.to(dtype=torch.float32), batch.targets, batch.target_ids, batch.semipositives,
-        batch.semipositive_weights, config.temperature, semipositive_ids=batch.semipositive_ids)
+        batch.semipositive_weights, config.temperature, semipositive_ids=batch.semipositive_ids,
+        group_positives=config.group_positives)
 
 
 def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:

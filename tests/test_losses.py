@@ -184,3 +184,52 @@ def test_shape_errors():
         contrastive_loss_from_logits(logits, torch.arange(3), torch.zeros(3, 2))
     with pytest.raises(ValueError):
         contrastive_loss_from_logits(logits, torch.arange(3), torch.zeros(3, 2), torch.zeros(3, 1))
+
+
+def _group_positive_loop(logits, ids, semi_logits=None, semi_w=None):
+    """The group-positive loss written out per row and per column, from its definition."""
+    b = logits.shape[0]
+    q2i, i2q = [], []
+    for i in range(b):
+        pos = [j for j in range(b) if ids[j] == ids[i]]
+        cands = [logits[i, j] for j in range(b)]
+        weights = [1.0 if j in pos else 0.0 for j in range(b)]
+        if semi_logits is not None:
+            for k in range(semi_logits.shape[1]):
+                if semi_w[i, k] > 0:
+                    cands.append(semi_logits[i, k])
+                    weights.append(float(semi_w[i, k]))
+        cands = torch.stack(cands)
+        logp = cands - torch.logsumexp(cands, 0)
+        w = torch.tensor(weights, dtype=logits.dtype)
+        q2i.append(-(w * logp).sum() / w.sum())
+    for j in range(b):
+        pos = [i for i in range(b) if ids[i] == ids[j]]
+        col = logits[:, j]
+        logp = col - torch.logsumexp(col, 0)
+        i2q.append(-logp[pos].mean())
+    return torch.stack(q2i).mean(), torch.stack(i2q).mean()
+
+
+@pytest.mark.parametrize("with_semis", [False, True])
+def test_group_positives_against_loop(with_semis):
+    gen = torch.Generator().manual_seed(5)
+    b = 9
+    logits = torch.randn(b, b, generator=gen, dtype=torch.float64) * 3
+    ids = torch.tensor([0, 1, 0, 2, 3, 1, 4, 0, 5])
+    semi_logits = semi_w = None
+    if with_semis:
+        semi_logits = torch.randn(b, 2, generator=gen, dtype=torch.float64)
+        semi_w = torch.rand(b, 2, generator=gen, dtype=torch.float64)
+        semi_w[1, 0] = 0.0  # an absent semi-positive
+    from quari.losses import directional_losses_from_logits
+    got = directional_losses_from_logits(logits, ids, semi_logits, semi_w, group_positives=True)
+    want = _group_positive_loop(logits, ids.tolist(), semi_logits, semi_w)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+    # without repeated ids the option changes nothing
+    unique = torch.arange(b)
+    a = directional_losses_from_logits(logits, unique, semi_logits, semi_w, group_positives=True)
+    c = directional_losses_from_logits(logits, unique, semi_logits, semi_w)
+    torch.testing.assert_close(a[0], c[0])
+    torch.testing.assert_close(a[1], c[1])
