@@ -93,13 +93,20 @@ def test_dag_end_to_end_on_tiny_config(tmp_path, toy_baseline):
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
-def test_bad_config_fails_before_running(tmp_path):
-    bad = dict(TINY, backbones=["tiny-a", "not-defined"])
+@pytest.mark.parametrize("change, named", [
+    ({"backbones": ["tiny-a", "not-defined"]}, "not-defined"),
+    ({"quari": {"model": {}, "train": {"lr_shedule": "released"}}}, "lr_shedule"),
+    ({"methods": {"x": {"type": "no_such_method"}}}, "no_such_method"),
+    ({"synthetic": {**TINY["synthetic"], "world": {"num_categorys": 3}}}, "num_categorys"),
+])
+def test_bad_config_fails_before_running(tmp_path, change, named):
     config = tmp_path / "bad.yaml"
-    config.write_text(yaml.safe_dump(bad))
+    without_toy = {k: v for k, v in TINY["methods"].items() if k != "toy"}
+    config.write_text(yaml.safe_dump({**TINY, "methods": without_toy, **change}))
     run = snakemake(tmp_path, "-n", "--configfile", str(config), "--replace-workflow-config")
     assert run.returncode != 0
-    assert "not-defined" in run.stderr + run.stdout
+    assert named in run.stderr + run.stdout
+    assert not (tmp_path / "results").exists(), "nothing may run on a bad config"
 
 
 def test_lint_is_clean():

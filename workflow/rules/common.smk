@@ -24,6 +24,32 @@ if config["data"] == "real":
         "data: real needs the real-data stage (ILIAS / INQUIRE downloads, backbones, embedding "
         "cache), which is not implemented yet; run the offline default (workflow/config/config.yaml)")
 
+def _check_config_early():
+    """Errors in nested settings (world, model, training, method names) at load, not mid-run."""
+    from baselines import get_method
+    from quari.model import QuARIConfig
+    from quari.training import TrainConfig
+
+    for name in METHODS:
+        try:
+            get_method(method_type(name))
+        except KeyError as err:
+            raise WorkflowError(f"methods.{name}: {err.args[0]}") from None
+    try:
+        QuARIConfig(embedding_dim=8, **{**config["quari"]["model"], "hidden_dim": 8, "nhead": 1})
+        TrainConfig(**config["quari"]["train"])
+    except (TypeError, ValueError) as err:
+        raise WorkflowError(f"quari: {err}") from None
+    if config["data"] == "synthetic":
+        from quari.synthetic import WorldConfig
+
+        try:
+            WorldConfig.from_dict({**config["synthetic"].get("world", {}),
+                                   "seed": config["synthetic"]["seed"]})
+        except (TypeError, ValueError) as err:
+            raise WorkflowError(f"synthetic.world: {err}") from None
+
+
 if config["data"] == "synthetic":
     _unknown = [b for b in BACKBONES if b not in config["synthetic"]["backbones"]]
     if _unknown:
@@ -79,3 +105,6 @@ def all_evaluations():
 
 def figure_backbone(name):
     return config["figures"].get(name, {}).get("backbone", BACKBONES[-1])
+
+
+_check_config_early()
