@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from quari.model import QuARI, QuARIConfig
+from quari.store import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -112,24 +113,12 @@ def load_released(directory: str | os.PathLike) -> QuARI:
     return _load_state(QuARI(config), state, weights)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(temp_path)`` on a temp file beside ``path``, then move it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_pretrained(model: QuARI, directory: str | os.PathLike) -> Path:
     """Write ``model.safetensors`` and ``config.json`` into ``directory``; returns it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(directory / WEIGHTS_FILE,
+    atomic_write(directory / WEIGHTS_FILE,
                   lambda p: safetensors.torch.save_file(state, p, metadata={"format": "pt"}))
     config = {"format_version": FORMAT_VERSION, **asdict(model.config)}
 
@@ -138,7 +127,7 @@ def save_pretrained(model: QuARI, directory: str | os.PathLike) -> Path:
             json.dump(config, f, indent=2)
             f.write("\n")
 
-    _atomic_write(directory / CONFIG_FILE, write_config)
+    atomic_write(directory / CONFIG_FILE, write_config)
     return directory
 
 

@@ -21,7 +21,6 @@ import copy
 import logging
 import math
 import os
-import tempfile
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 from quari.losses import symmetric_contrastive_loss
 from quari.mining import SemiPositives, dedupe_images
 from quari.model import QuARI, QuARIConfig
-from quari.store import atomic_write_json
+from quari.store import atomic_write, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -413,18 +412,7 @@ def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _save_checkpoint(path: Path, **payload) -> None:
     """torch.save through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def _check_resumable(saved: dict, config: TrainConfig, model_config: QuARIConfig) -> None:
