@@ -423,7 +423,7 @@ def _check_resumable(saved: dict, config: TrainConfig, model_config: QuARIConfig
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES
                      and saved["train_config"].get(k) != now[k])
     if changed:
-        raise ValueError(f"checkpoint was written with other training settings: "
+        raise ValueError("checkpoint was written with other training settings: "
                          + ", ".join(f"{k}={saved['train_config'].get(k)!r} (now {now[k]!r})"
                                      for k in changed))
 

@@ -189,7 +189,7 @@ def test_registry_dim_mismatch_is_reported(tiny_clip):
 
 
 def test_open_clip_encoder_from_local_dir(tmp_path):
-    open_clip = pytest.importorskip("open_clip")
+    pytest.importorskip("open_clip")
     from open_clip.model import CLIP
     cfg = {"embed_dim": 16,
            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
