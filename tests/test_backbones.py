@@ -111,20 +111,25 @@ def _save_word_tokenizer(directory: Path) -> None:
 TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 
 
-@pytest.fixture(scope="module")
-def tiny_siglip(tmp_path_factory) -> tuple[Path, BackboneInfo]:
+def save_tiny_siglip(directory: Path, seed: int = 0) -> BackboneInfo:
+    """A randomly initialised tiny SigLIP and its tokenizer saved in ``directory``, and a
+    registry entry describing it (loaded through the same path as hub models)."""
     from transformers import SiglipConfig, SiglipModel
-    directory = tmp_path_factory.mktemp("tiny_siglip")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = SiglipConfig(
         text_config=dict(TOWER, vocab_size=len(WORDS) + 3, max_position_embeddings=16,
                          pad_token_id=0, eos_token_id=2),
         vision_config=dict(TOWER, image_size=32, patch_size=8))
     SiglipModel(config).save_pretrained(directory)
     _save_word_tokenizer(directory)
-    info = dataclasses.replace(get_backbone("siglip2-vit-b16@512"), name="tiny-siglip",
+    return dataclasses.replace(get_backbone("siglip2-vit-b16@512"), name="tiny-siglip",
                                embed_dim=32, patch_size=8, train_resolution=32, test_resolution=40)
-    return directory, info
+
+
+@pytest.fixture(scope="module")
+def tiny_siglip(tmp_path_factory) -> tuple[Path, BackboneInfo]:
+    directory = tmp_path_factory.mktemp("tiny_siglip")
+    return directory, save_tiny_siglip(directory)
 
 
 @pytest.fixture(scope="module")

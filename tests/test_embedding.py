@@ -1,6 +1,5 @@
 """The embedding cache: images and texts through a tiny random SigLIP into resumable shards."""
 
-import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -10,10 +9,10 @@ import pytest
 import torch
 
 from quari import backbones
-from quari.backbones import get_backbone, ilias_transform, load_backbone
+from quari.backbones import ilias_transform, load_backbone
 from quari.embedding import SKIPPED, embed_images, embed_texts, main, read_items_tsv
 from quari.store import MANIFEST, embedding_set_meta, load_embedding_set
-from tests.test_backbones import TOWER, WORDS, _save_word_tokenizer
+from tests.test_backbones import save_tiny_siglip
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -23,17 +22,8 @@ TEXTS = ["a red bird", "photo of the cat", "the cat on a branch", "bird", "a pho
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random SigLIP saved locally, its registry entry, and a folder of small JPEGs."""
-    from transformers import SiglipConfig, SiglipModel
     model_dir = tmp_path_factory.mktemp("tiny_siglip")
-    torch.manual_seed(0)
-    config = SiglipConfig(
-        text_config=dict(TOWER, vocab_size=len(WORDS) + 3, max_position_embeddings=16,
-                         pad_token_id=0, eos_token_id=2),
-        vision_config=dict(TOWER, image_size=32, patch_size=8))
-    SiglipModel(config).save_pretrained(model_dir)
-    _save_word_tokenizer(model_dir)
-    info = dataclasses.replace(get_backbone("siglip2-vit-b16@512"), name="tiny-siglip",
-                               embed_dim=32, patch_size=8, train_resolution=32, test_resolution=40)
+    info = save_tiny_siglip(model_dir)
 
     image_dir = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)

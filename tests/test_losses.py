@@ -8,19 +8,9 @@ import torch.nn.functional as F
 
 from quari.losses import (contrastive_loss_from_logits, directional_losses_from_logits,
                           symmetric_contrastive_loss)
-from quari.transform import QueryTransform
+from .test_scoring import VARIANTS, random_transform
 
-VARIANTS = {"released": (1.0, 0.8), "paper": (0.0, 1.0)}
 TAU = 0.07
-
-
-def random_transform(batch, dim, rank, variant, seed=0, dtype=torch.float64):
-    anchor, scale = VARIANTS[variant]
-    g = torch.Generator().manual_seed(seed)
-    query = F.normalize(torch.randn(batch, dim, generator=g, dtype=dtype), dim=-1)
-    left = torch.randn(batch, dim, rank, generator=g, dtype=dtype) / dim ** 0.5
-    right = torch.randn(batch, dim, rank, generator=g, dtype=dtype) / dim ** 0.5
-    return QueryTransform(query=query, left=left, right=right, scale=scale, anchor=anchor)
 
 
 def dense_score(t, i, d):
