@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from quari import metrics
 from quari.methods import RetrievalMethod, as_tensor
+from quari.scoring import cosine_topk
 from quari.store import EmbeddingSet
 
 log = logging.getLogger(__name__)
@@ -100,18 +101,8 @@ def rank_gallery(method: RetrievalMethod, task: RetrievalTask, k: int, batch_siz
 def cosine_shortlist(queries, gallery, k: int, chunk_rows: int = 65536,
                      device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """The backbone's initial ranking: cosine top-k (scores, indices) as numpy arrays."""
-    q = torch.nn.functional.normalize(as_tensor(queries, device), dim=-1)
-    k = min(k, len(gallery))
-    best_s = torch.empty((q.shape[0], 0), device=device)
-    best_i = torch.empty((q.shape[0], 0), dtype=torch.long, device=device)
-    for start in range(0, len(gallery), chunk_rows):
-        rows = torch.nn.functional.normalize(as_tensor(gallery[start:start + chunk_rows], device), dim=-1)
-        s = q @ rows.T
-        idx = torch.arange(start, start + rows.shape[0], device=device).expand_as(s)
-        best_s, best_i = torch.cat([best_s, s], 1), torch.cat([best_i, idx], 1)
-        order = torch.sort(best_s, dim=1, descending=True, stable=True).indices[:, :k]
-        best_s, best_i = best_s.gather(1, order), best_i.gather(1, order)
-    return best_s.cpu().numpy(), best_i.cpu().numpy()
+    s, i = cosine_topk(as_tensor(queries, device), gallery, k, chunk_rows=chunk_rows, device=device)
+    return s.cpu().numpy(), i.cpu().numpy()
 
 
 def score_ranking(task: RetrievalTask, indices: np.ndarray, benchmark: str, k: int) -> dict[str, float]:

@@ -23,6 +23,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from quari import scoring
+from quari.scoring import merge_topk, read_rows
 from quari.store import TrainingCollection, atomic_write_json
 
 
@@ -92,17 +94,14 @@ class RetrievalMethod(ABC):
         k = min(k, n)
         with torch.no_grad():
             state = self.prepare(q, query_ids)
-            best_s = torch.full((q.shape[0], 0), -float("inf"), device=self.device)
-            best_i = torch.zeros((q.shape[0], 0), dtype=torch.long, device=self.device)
+            best_s = torch.empty((q.shape[0], 0), device=self.device)
+            best_i = torch.empty((q.shape[0], 0), dtype=torch.long, device=self.device)
             for start in range(0, n, chunk_rows):
-                rows = as_tensor(gallery[start:start + chunk_rows], self.device)
+                rows = read_rows(gallery, start, min(start + chunk_rows, n), self.device,
+                                 torch.float32)
                 s = self.score(state, rows)
                 idx = torch.arange(start, start + rows.shape[0], device=self.device).expand_as(s)
-                best_s = torch.cat([best_s, s], 1)
-                best_i = torch.cat([best_i, idx], 1)
-                # stable: among equal scores the lower index (earlier column) wins
-                order = torch.sort(best_s, dim=1, descending=True, stable=True).indices[:, :k]
-                best_s, best_i = best_s.gather(1, order), best_i.gather(1, order)
+                best_s, best_i = merge_topk(best_s, best_i, s, idx, k)
         return best_s.cpu(), best_i.cpu()
 
     def rerank(self, queries, gallery, shortlist: np.ndarray,
@@ -175,11 +174,7 @@ class TransformMethod(RetrievalMethod):
         return self.transform(queries, query_ids).detach()
 
     def score(self, state, rows: torch.Tensor) -> torch.Tensor:
-        from quari import scoring
-
         return scoring.scores(state, rows)
 
     def score_candidates(self, state, queries, candidates, query_ids=None):
-        from quari import scoring
-
         return scoring.candidate_scores(state, candidates)

@@ -22,7 +22,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from quari.store import atomic_savez
+from quari.store import atomic_savez, l2_normalize
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +76,6 @@ class SemiPositives:
         return out
 
 
-def l2_normalize_rows(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """float32 copy of ``x`` with unit-norm rows (zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
-
-
 def dedupe_images(image_embeddings: np.ndarray, image_ids: Sequence) -> DedupedImages:
     """One row per distinct image id (its first row), L2-normalised, with the row mappings."""
     ids = np.asarray(image_ids)
@@ -94,10 +88,10 @@ def dedupe_images(image_embeddings: np.ndarray, image_ids: Sequence) -> DedupedI
     source_rows = first[order].astype(np.int64)
     inverse = rank[inverse.reshape(-1)].astype(np.int64)
     if len(source_rows) == len(ids):
-        embeddings = l2_normalize_rows(image_embeddings)
+        embeddings = l2_normalize(image_embeddings)
     else:
-        embeddings = l2_normalize_rows(np.asarray(image_embeddings)[source_rows])
-        gap = max(float(np.abs(l2_normalize_rows(image_embeddings[start:start + CHUNK_ROWS])
+        embeddings = l2_normalize(np.asarray(image_embeddings)[source_rows])
+        gap = max(float(np.abs(l2_normalize(image_embeddings[start:start + CHUNK_ROWS])
                                - embeddings[inverse[start:start + CHUNK_ROWS]]).max())
                   for start in range(0, len(ids), CHUNK_ROWS))
         if gap > DUPLICATE_TOLERANCE:
