@@ -13,6 +13,7 @@ import pandas as pd  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
 
 from quari.store import l2_normalize  # noqa: E402
+from quari.tables import DISPLAY_NAME, PAPER_METHOD  # noqa: E402
 
 
 @dataclass
@@ -76,12 +77,14 @@ def plot_cost_accuracy(measured: pd.DataFrame, paper: pd.DataFrame, caption: str
         ax.scatter(ref["ms"], ref["accuracy"], c="0.6", alpha=0.35, marker="s", s=30,
                    label="paper (H100, real data)")
         for _, r in ref.iterrows():
-            ax.annotate(r["method"], (r["ms"], r["accuracy"]), fontsize=6, color="0.55",
+            ax.annotate(DISPLAY_NAME.get(r["method"], r["method"]), (r["ms"], r["accuracy"]),
+                        fontsize=6, color="0.55",
                         xytext=(3, -8), textcoords="offset points")
         ours = measured[measured["panel"] == panel]
         ax.scatter(ours["ms"], ours["accuracy"], c="tab:red", s=40, label="measured")
         for _, r in ours.iterrows():
-            ax.annotate(r["method"], (r["ms"], r["accuracy"]), fontsize=8,
+            ax.annotate(DISPLAY_NAME.get(r["method"], r["method"]), (r["ms"], r["accuracy"]),
+                        fontsize=8,
                         xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
@@ -105,3 +108,33 @@ def paper_figure4_points(paper_numbers: pd.DataFrame) -> pd.DataFrame:
             rows.append({"panel": panel, "method": method, "ms": float(cost[method]),
                          "accuracy": float(acc[method])})
     return pd.DataFrame(rows, columns=["panel", "method", "ms", "accuracy"])
+
+
+def measured_cost_accuracy(evaluations) -> pd.DataFrame:
+    """Figure 4's measured points (panel, method, ms, accuracy) from evaluation results: ILIAS
+    image-to-image re-ranking (ms per 1k pairs, mAP@k x100) and INQUIRE re-ranking (ms per 100
+    pairs, mAP@50 x100). Methods are named as the tables name them (the backbone's re-ranking is
+    the initial ranking)."""
+    rows = []
+    for ev in evaluations:
+        renamed = PAPER_METHOD.get(ev["method_type"])
+        method = renamed[1] if renamed else ev["method"]
+        for panel, task, cost in (("ilias", "i2i", "ms_per_1k_pairs"),
+                                  ("inquire", "t2i", "ms_per_100_pairs")):
+            result = ev["tasks"].get(task, {}).get("rerank") if ev["benchmark"] == panel else None
+            if result is None:
+                continue
+            ap = next(v for k, v in result["metrics"].items() if k.startswith("mAP@"))
+            rows.append({"panel": panel, "method": method, "ms": float(result[cost]),
+                         "accuracy": 100.0 * ap})
+    return pd.DataFrame(rows, columns=["panel", "method", "ms", "accuracy"])
+
+
+def cost_accuracy_caption(hardware, data: str, backbone: str) -> str:
+    """Figure 4's caption: names the hardware the times were taken on, which it must know."""
+    hardware = sorted(set(hardware))
+    if not hardware:
+        raise ValueError("Figure 4 needs the hardware its timings were taken on")
+    kind = "synthetic world (embedded offline benchmark)" if data == "synthetic" else "real data"
+    return (f"Timed on {', '.join(hardware)}; {kind}, backbone {backbone}; time of the method's "
+            f"re-ranking only, shortlist given. Grey: the paper's points (one H100, real data).")

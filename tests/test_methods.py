@@ -44,7 +44,23 @@ def fit_context(name, tmp_path, rng, query_ids, train):
         return {"local_descriptors": str(tmp_path / "db_local.npz"),
                 "query_local_descriptors": str(tmp_path / "q_local.npz"),
                 "gallery_ids": train.images.ids}
+    if name == "vlm_reranker":
+        from PIL import Image
+        images = {}
+        for n, image_id in enumerate(train.images.ids):
+            images[image_id] = str(tmp_path / f"image{n}.png")
+            Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(images[image_id])
+        return {"gallery_images": images, "gallery_ids": train.images.ids,
+                "query_texts": {q: f"a red fox {n}" for n, q in enumerate(query_ids)}}
     return {}
+
+
+def constructor_params(name, tmp_path):
+    """FAST_PARAMS, plus a tiny local model for methods that load a pretrained one."""
+    if name == "vlm_reranker":
+        from .test_vlm_reranker import build_tiny_llava
+        return {"model": "llava_1.5_13b", "path": build_tiny_llava(tmp_path / "tiny_llava")}
+    return FAST_PARAMS.get(name, {})
 
 
 @pytest.mark.parametrize("name", baselines.available_methods())
@@ -57,7 +73,7 @@ def test_method_conformance(name, tmp_path, rng):
     query_ids = [f"q{i}" for i in range(5)]
     gallery = np.asarray(train.images.embeddings, dtype=np.float32)
 
-    method = cls(**FAST_PARAMS.get(name, {}), device="cpu")
+    method = cls(**constructor_params(name, tmp_path), device="cpu")
     assert method.fit(train, valid, workdir=tmp_path / "work",
                       **fit_context(name, tmp_path, rng, query_ids, train)) is method
 

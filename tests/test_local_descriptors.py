@@ -1,0 +1,237 @@
+"""DINOv2 local descriptor extraction on a tiny random DINOv2 saved locally and reloaded through
+from_pretrained: counts, shapes, norms, coordinates, the top-n selection against a brute-force
+recomputation from the model's outputs, resume, the skip list, and re-ranking with the result."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from baselines.local_features import ChamferReranker
+from quari.local_descriptors import (DinoLocalExtractor, LocalDescriptorConfig,
+                                     extract_local_descriptors, main)
+from quari.local_matching import chamfer_similarity, load_local_descriptors
+
+PATCH = 4
+RESOLUTION = 32
+#: (width, height) of the generated images: landscape, portrait (its short side ends mid-patch,
+#: so some padded patches must be dropped) and square
+SIZES = {"a": (40, 30), "b": (23, 50), "c": (64, 64), "d": (37, 21)}
+
+
+def tiny_dinov2(path, registers=0):
+    from transformers import (Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig,
+                              Dinov2WithRegistersModel)
+    torch.manual_seed(0)
+    kwargs = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                  patch_size=PATCH, image_size=16)
+    if registers:
+        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers,
+                                                                   **kwargs))
+    else:
+        model = Dinov2Model(Dinov2Config(**kwargs))
+    # layer norms start at weight 1, bias 0, which gives every output token the same norm; a
+    # trained model's do not (and ties would make the top-n ambiguous)
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.weight.data = 1 + 0.5 * torch.randn_like(module.weight)
+            module.bias.data = 0.5 * torch.randn_like(module.bias)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    items = []
+    for name, (w, h) in SIZES.items():
+        # smooth random images, so that patch tokens differ in a structured way
+        small = rng.integers(0, 256, (max(2, h // 8), max(2, w // 8), 3), dtype=np.uint8)
+        Image.fromarray(small).resize((w, h), Image.BILINEAR).save(root / f"{name}.jpg")
+        items.append((name, str(root / f"{name}.jpg")))
+    good = (root / "a.jpg").read_bytes()
+    (root / "broken.jpg").write_bytes(good[: len(good) // 3])  # truncated: fails to decode
+    items.insert(2, ("broken", str(root / "broken.jpg")))
+    return items
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_dinov2(tmp_path_factory.mktemp("dinov2"))
+
+
+def brute_force(model_dir, path, n, saliency, registers=0):
+    """Top-n patches of one image recomputed from the model's outputs with explicit loops."""
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+    image = Image.open(path).convert("RGB")
+    w0, h0 = image.size
+    scale = RESOLUTION / max(w0, h0)
+    h, w = max(1, round(h0 * scale)), max(1, round(w0 * scale))
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()[None] / 255
+    x = torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic",
+                                        antialias=True).clamp(0, 1)[0]
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    x = (x - mean[:, None, None]) / std[:, None, None]
+    rows, cols = -(-h // PATCH), -(-w // PATCH)
+    padded = torch.zeros(3, rows * PATCH, cols * PATCH)
+    padded[:, :h, :w] = x
+    with torch.no_grad():
+        out = model(pixel_values=padded[None], output_attentions=True)
+    tokens = out.last_hidden_state[0, 1 + registers:]
+    scores = (tokens.norm(dim=-1) if saliency == "norm"
+              else out.attentions[-1][0, :, 0, 1 + registers:].mean(0))
+    candidates = []
+    for r in range(rows):
+        for c in range(cols):
+            cx, cy = (c + 0.5) * PATCH, (r + 0.5) * PATCH
+            if cx < w and cy < h:  # centre inside the image, not in the padding
+                candidates.append((float(scores[r * cols + c]), r * cols + c, cx / w, cy / h))
+    candidates.sort(key=lambda t: -t[0])
+    top = candidates[:n]
+    desc = torch.nn.functional.normalize(tokens[[t[1] for t in top]], dim=-1).numpy()
+    xy = np.array([[t[2], t[3]] for t in top], dtype=np.float32)
+    return desc, xy, len(candidates), (w0, h0)
+
+
+@pytest.mark.parametrize("saliency,registers", [("norm", 0), ("cls_attention", 0), ("norm", 2)])
+def test_extraction_selects_the_top_n_patches(images, tmp_path, saliency, registers):
+    model_dir = tiny_dinov2(tmp_path / "model", registers)
+    n = 40  # more than some images have: their count is the number of valid patches
+    config = LocalDescriptorConfig(model=model_dir, num_descriptors=n, resolution=RESOLUTION,
+                                   saliency=saliency, dtype="float32")
+    extractor = DinoLocalExtractor(model_dir, saliency=saliency)
+    out = tmp_path / "db.npz"
+    got = extract_local_descriptors(extractor, images, out, config, batch_size=3, num_workers=0,
+                                    progress=False)
+    assert got.ids == ["a", "b", "c", "d"]  # the corrupt image is skipped, order kept
+    assert got.descriptors.shape == (4, n, 32) and got.xy.shape == (4, n, 2)
+    with np.load(out) as f:
+        sizes = f["image_sizes"]
+    paths = dict(images)
+    for row, name in enumerate(got.ids):
+        desc, xy = got.image(row)
+        ref_desc, ref_xy, valid, size = brute_force(model_dir, paths[name], n, saliency, registers)
+        assert len(desc) == min(n, valid)
+        np.testing.assert_allclose(np.linalg.norm(desc, axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(xy, ref_xy, atol=1e-6)
+        np.testing.assert_allclose(desc, ref_desc, atol=1e-4)
+        assert tuple(sizes[row]) == size
+        pixels = xy * sizes[row]
+        assert (pixels > 0).all() and (pixels < sizes[row]).all()  # centres inside the image
+        assert (got.descriptors[row, len(desc):] == 0).all()  # padding rows are empty
+    assert min(got.counts) < n  # the small images really are short of patches
+    skipped = (tmp_path / "db.npz.skipped.tsv").read_text().splitlines()
+    assert skipped[0] == "id\treason" and skipped[1].startswith("broken\t")
+    meta = json.loads((tmp_path / "db.npz.json").read_text())
+    assert (meta["requested"], meta["extracted"], meta["skipped"]) == (5, 4, 1)
+    assert not (tmp_path / "db.npz.parts").exists()
+
+
+def test_batches_do_not_change_descriptors(images, model_dir, tmp_path):
+    config = LocalDescriptorConfig(model=model_dir, num_descriptors=12, resolution=RESOLUTION)
+    extractor = DinoLocalExtractor(model_dir)
+    one = extract_local_descriptors(extractor, images, tmp_path / "one.npz", config, batch_size=1,
+                                    num_workers=0, progress=False)
+    many = extract_local_descriptors(extractor, images, tmp_path / "many.npz", config,
+                                     batch_size=5, num_workers=0, progress=False)
+    assert one.descriptors.dtype == np.float32  # float16 on disk, float32 when read
+    np.testing.assert_allclose(one.descriptors, many.descriptors, atol=2e-3)
+    np.testing.assert_array_equal(one.xy, many.xy)
+
+
+class Interrupt(BaseException):
+    """Stands for a killed job (not an image error, which would only skip the image)."""
+
+
+def test_an_interrupted_run_resumes_and_existing_files_are_kept(images, model_dir, tmp_path):
+    config = LocalDescriptorConfig(model=model_dir, num_descriptors=8, resolution=RESOLUTION)
+    extractor = DinoLocalExtractor(model_dir)
+    clean = extract_local_descriptors(extractor, images, tmp_path / "clean.npz", config,
+                                      part_images=2, num_workers=0, progress=False)
+
+    def killed():
+        raise Interrupt
+
+    out = tmp_path / "resumed.npz"
+    with pytest.raises(Interrupt):
+        extract_local_descriptors(extractor, images[:4] + [("d", killed)], out, config,
+                                  part_images=2, num_workers=0, progress=False)
+    parts = sorted(p.name for p in (tmp_path / "resumed.npz.parts").glob("part-*.npz"))
+    assert parts == ["part-00000.npz", "part-00001.npz"] and not out.exists()
+    calls = []
+    counted = [(i, (lambda s=s: calls.append(s) or s)) for i, s in images]
+    resumed = extract_local_descriptors(extractor, counted, out, config, part_images=2,
+                                        num_workers=0, progress=False)
+    assert calls == [images[4][1]]  # only the last part was extracted again
+    assert resumed.ids == clean.ids
+    np.testing.assert_array_equal(resumed.descriptors, clean.descriptors)
+    np.testing.assert_array_equal(resumed.counts, clean.counts)
+    # the same job again returns the file; another job never overwrites it
+    before = out.read_bytes()
+    assert extract_local_descriptors(extractor, images, out, config, part_images=2,
+                                     num_workers=0, progress=False).ids == clean.ids
+    with pytest.raises(FileExistsError):
+        extract_local_descriptors(extractor, images[:2], out, config, part_images=2,
+                                  num_workers=0, progress=False)
+    assert out.read_bytes() == before
+
+
+def test_cli_output_reranks_with_chamfer(images, model_dir, tmp_path):
+    paths = dict(images)
+    db_tsv = tmp_path / "db.tsv"
+    db_tsv.write_text("".join(f"{i}\t{p}\n" for i, p in images))
+    # query 0 is a copy of database image "c"; query 1 is image "a"
+    q_tsv = tmp_path / "q.tsv"
+    q_tsv.write_text(f"q0\t{paths['c']}\nq1\t{paths['a']}\n")
+    common = ["--model", model_dir, "--resolution", str(RESOLUTION), "--num-descriptors", "10",
+              "--workers", "0", "--device", "cpu"]
+    assert main(["--images", str(db_tsv), "--out", str(tmp_path / "db.npz"), *common]) == 0
+    assert main(["--images", str(q_tsv), "--out", str(tmp_path / "q.npz"), *common]) == 0
+    db, q = load_local_descriptors(tmp_path / "db.npz"), load_local_descriptors(tmp_path / "q.npz")
+    gallery_ids = ["d", "c", "a", "b"]
+    method = ChamferReranker(device="cpu").fit(
+        None, local_descriptors=tmp_path / "db.npz", query_local_descriptors=tmp_path / "q.npz",
+        gallery_ids=gallery_ids)
+    gallery = np.zeros((4, 8), dtype=np.float32)
+    shortlist = np.array([[0, 1, 2, 3], [3, 2, 1, 0]])
+    scores = method.rerank(gallery[:2], gallery, shortlist, query_ids=["q0", "q1"])
+    for b, qid in enumerate(["q0", "q1"]):
+        for j, row in enumerate(shortlist[b]):
+            ref = chamfer_similarity(q.image(q.rows([qid])[0])[0],
+                                     db.image(db.rows([gallery_ids[row]])[0])[0])
+            assert scores[b, j].item() == pytest.approx(ref, abs=1e-5)
+    # a query identical to a database image matches it exactly: Chamfer 1, ranked first
+    assert scores[0, 1].item() == pytest.approx(1.0, abs=1e-3) and scores[0].argmax() == 1
+    assert scores[1].argmax() == 1 and scores[1, 1].item() == pytest.approx(1.0, abs=1e-3)  # row 2 = "a"
+
+
+def test_rejects_a_model_that_is_not_dinov2(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, image_size=8, patch_size=4)
+                    ).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not DINOv2"):
+        DinoLocalExtractor(str(tmp_path))
+    with pytest.raises(ValueError, match="saliency"):
+        DinoLocalExtractor(str(tmp_path), saliency="entropy")
+
+
+@pytest.mark.gpu
+def test_cuda_half_precision_matches_cpu(images, model_dir, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    config = LocalDescriptorConfig(model=model_dir, num_descriptors=12, resolution=RESOLUTION,
+                                   dtype="float32")
+    cpu = extract_local_descriptors(DinoLocalExtractor(model_dir), images, tmp_path / "cpu.npz",
+                                    config, num_workers=0, progress=False)
+    gpu = extract_local_descriptors(DinoLocalExtractor(model_dir, device="cuda"), images,
+                                    tmp_path / "gpu.npz", config, num_workers=0, progress=False)
+    assert gpu.ids == cpu.ids
+    np.testing.assert_array_equal(gpu.counts, cpu.counts)
+    for row in range(len(cpu.ids)):  # half precision may swap near-tied patches
+        sim = gpu.image(row)[0] @ cpu.image(row)[0].T
+        assert (sim.max(axis=1) > 0.99).mean() > 0.8
