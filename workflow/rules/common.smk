@@ -16,13 +16,14 @@ PAPER_NUMBERS = str(Path(workflow.basedir) / "workflow/resources/paper_numbers.c
 BACKBONES = config["backbones"]
 METHODS = config["methods"]
 ILIAS_TASKS = config["evaluation"]["ilias"]["tasks"]
-BENCHMARKS = ["ilias", "inquire"]
-TRAINSET = "synthetic" if config["data"] == "synthetic" else "train"
-
-if config["data"] == "real":
-    raise WorkflowError(
-        "data: real needs the real-data stage (ILIAS / INQUIRE downloads, backbones, embedding "
-        "cache), which is not implemented yet; run the offline default (workflow/config/config.yaml)")
+# real data: ilias = full 100M gallery, ilias_mini = the 5M gallery (queries shared with ilias),
+# inquire = Fullrank over the iNat24 pool, inquire_rerank = the fixed 100 candidates per query
+BENCHMARKS = (["ilias", "inquire"] if config["data"] == "synthetic"
+              else ["ilias", "ilias_mini", "inquire", "inquire_rerank"])
+TRAINSET = "synthetic" if config["data"] == "synthetic" else None
+# sources of real data with one manifest each (results/data/{source}.json)
+REAL_SOURCES = (["ilias_core", "ilias_mini", "ilias_yfcc", "inquire", "inquire_rerank",
+                 *config.get("real", {}).get("collections", {})] if config["data"] == "real" else [])
 
 def _check_config_early():
     """Errors in nested settings (world, model, training, method names) at load, not mid-run."""
@@ -40,6 +41,8 @@ def _check_config_early():
         TrainConfig(**config["quari"]["train"])
     except (TypeError, ValueError) as err:
         raise WorkflowError(f"quari: {err}") from None
+    if config["data"] == "real":
+        _check_real_config()
     if config["data"] == "synthetic":
         from quari.synthetic import WorldConfig
 
@@ -68,20 +71,33 @@ def method_type(method):
     return METHODS[method].get("type", method)
 
 
+# keys of a method entry that the workflow reads and the method never sees
+WORKFLOW_KEYS = ("type", "training_set")
+
+
 def method_params(method):
-    return {k: v for k, v in METHODS[method].items() if k != "type"}
+    return {k: v for k, v in METHODS[method].items() if k not in WORKFLOW_KEYS}
+
+
+def training_set_of(method):
+    """The training collection a method is fitted on (real data: its `training_set`, else the
+    configured default)."""
+    if config["data"] == "synthetic":
+        return TRAINSET
+    return METHODS[method].get("training_set", config["real"]["default_training_set"])
 
 
 def get_train_inputs(wildcards):
     """What training a method needs: the collection, and semi-positives for QuARI."""
+    trainset = training_set_of(wildcards.method)
     inputs = {
-        "train": f"results/embeddings/{TRAINSET}/{wildcards.backbone}/train",
-        "valid": f"results/embeddings/{TRAINSET}/{wildcards.backbone}/valid",
+        "train": f"results/embeddings/{trainset}/{wildcards.backbone}/train",
+        "valid": f"results/embeddings/{trainset}/{wildcards.backbone}/valid",
     }
     if method_type(wildcards.method) == "quari":
-        inputs["semipositives"] = f"results/mining/{TRAINSET}/{wildcards.backbone}/semipositives.npz"
+        inputs["semipositives"] = f"results/mining/{trainset}/{wildcards.backbone}/semipositives.npz"
     if method_type(wildcards.method) == "oracle":
-        inputs["oracle"] = f"results/embeddings/{TRAINSET}/{wildcards.backbone}/oracle.npz"
+        inputs["oracle"] = f"results/embeddings/{trainset}/{wildcards.backbone}/oracle.npz"
     return inputs
 
 
@@ -95,12 +111,73 @@ def get_eval_inputs(wildcards):
     }
     if wildcards.benchmark == "ilias":
         inputs["image_queries"] = f"{root}/image_queries"
+    if wildcards.benchmark == "ilias_mini":  # same queries and ground truth as the 100M setting
+        queries = f"results/embeddings/ilias/{wildcards.backbone}"
+        inputs.update(image_queries=f"{queries}/image_queries", text_queries=f"{queries}/text_queries",
+                      positives="results/groundtruth/ilias.json")
+    if wildcards.benchmark == "inquire_rerank":
+        inputs["candidates"] = "results/groundtruth/inquire_rerank_candidates.json"
     return inputs
 
 
+def evaluation_matrix():
+    """(benchmark, backbone, method) triples to evaluate: every combination on synthetic data;
+    on real data the union of the `real.evaluations` blocks (the paper's sparse matrix)."""
+    if config["data"] == "synthetic":
+        return [(b, bb, m) for b in BENCHMARKS for bb in BACKBONES for m in METHODS]
+    triples = []
+    for block in config["real"]["evaluations"]:
+        for b in block["benchmarks"]:
+            for bb in block["backbones"]:
+                for m in block["methods"]:
+                    if (b, bb, m) not in triples:
+                        triples.append((b, bb, m))
+    return triples
+
+
 def all_evaluations():
-    return expand("results/eval/{benchmark}/{backbone}/{method}.json",
-                  benchmark=BENCHMARKS, backbone=BACKBONES, method=list(METHODS))
+    return [f"results/eval/{b}/{bb}/{m}.json" for b, bb, m in evaluation_matrix()]
+
+
+def figure_evaluations(backbone):
+    """The evaluations of one backbone in the matrix (what Figure 4 can draw from)."""
+    return [f"results/eval/{b}/{bb}/{m}.json" for b, bb, m in evaluation_matrix() if bb == backbone]
+
+
+def get_training_set_files(wildcards):
+    """Manifests of the collections a training set merges."""
+    return [f"results/data/{c}.json" for c in config["real"]["training_sets"][wildcards.trainset]]
+
+
+def _check_real_config():
+    """Names in the real-data sections refer to things that exist, checked at load."""
+    from quari.data.embed import configured_backbone
+
+    real = config["real"]
+    for name in BACKBONES:
+        try:
+            configured_backbone(name, real.get("models"))
+        except (KeyError, ValueError) as err:
+            raise WorkflowError(f"backbones: {err.args[0]}") from None
+    collections = real["collections"]
+    for trainset, names in real["training_sets"].items():
+        if trainset in BENCHMARKS:
+            raise WorkflowError(f"real.training_sets.{trainset}: the name of a benchmark")
+        unknown = [c for c in names if c not in collections]
+        if unknown:
+            raise WorkflowError(f"real.training_sets.{trainset}: unknown collection(s) {unknown}; "
+                                f"defined under real.collections: {', '.join(collections)}")
+    for method in METHODS:
+        trainset = training_set_of(method)
+        if trainset not in real["training_sets"]:
+            raise WorkflowError(f"methods.{method}: training set {trainset!r} is not defined under "
+                                f"real.training_sets ({', '.join(real['training_sets'])})")
+    for n, block in enumerate(real["evaluations"]):
+        for key, known in (("benchmarks", BENCHMARKS), ("backbones", BACKBONES),
+                           ("methods", list(METHODS))):
+            unknown = [x for x in block[key] if x not in known]
+            if unknown:
+                raise WorkflowError(f"real.evaluations[{n}].{key}: {unknown} not among {known}")
 
 
 def figure_backbone(name):

@@ -35,3 +35,8 @@ if config["data"] == "synthetic":
             "../../environment.yml"
         script:
             "../scripts/embed_synthetic.py"
+
+
+if config["data"] == "real":
+
+    include: "real_data.smk"

@@ -1,0 +1,162 @@
+"""Embedding jobs of the real-data workflow: whole sets, many-part galleries, training collections.
+
+A workflow engine deletes the declared output of a failed job, which would throw away the
+resumable shards of :mod:`quari.embedding`. So every job here works in a hidden sibling folder
+``.<name>.partial`` and renames it to ``<name>`` only when complete: a killed job resumes from its
+last complete shard, and ``<name>`` never exists half-written.
+
+Galleries of many source shards (100M ILIAS distractors in 1,000 tars) are embedded part by part
+into ``<gallery>/parts/<part>/`` (each an embedding set, resumable on its own, listed from its
+source only when not yet complete), and the gallery's ``manifest.json`` lists every part's shards
+by relative path, so it loads as one embedding set without copying.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from quari.backbones import Encoder
+from quari.data.collections import PairList
+from quari.embedding import SKIPPED, embed_images, embed_texts
+from quari.store import (FORMAT_VERSION, MANIFEST, atomic_save_npy, atomic_write_json,
+                         atomic_write_text, embedding_set_meta, load_embedding_set)
+
+logger = logging.getLogger(__name__)
+
+
+def partial_dir(out_dir: str | os.PathLike) -> Path:
+    """The hidden work folder a job fills before it is renamed to ``out_dir``."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(f".{out_dir.name}.partial")
+
+
+def publish(work: Path, out_dir: Path) -> None:
+    """Move a complete work folder to its final name (replacing an empty or stale folder there)."""
+    if out_dir.exists():  # an empty folder left by the workflow engine
+        shutil.rmtree(out_dir)
+    os.replace(work, out_dir)
+
+
+def embed_image_set(encoder: Encoder, items, out_dir: str | os.PathLike, transform: Callable,
+                    **options) -> Path:
+    """:func:`quari.embedding.embed_images` into ``out_dir`` through its partial folder."""
+    out_dir, work = Path(out_dir), partial_dir(out_dir)
+    embed_images(encoder, items, work, transform, **options)
+    publish(work, out_dir)
+    return out_dir
+
+
+def embed_text_set(encoder: Encoder, items, out_dir: str | os.PathLike, **options) -> Path:
+    """:func:`quari.embedding.embed_texts` into ``out_dir`` through its partial folder."""
+    out_dir, work = Path(out_dir), partial_dir(out_dir)
+    embed_texts(encoder, items, work, **options)
+    publish(work, out_dir)
+    return out_dir
+
+
+def embed_gallery_parts(encoder: Encoder, parts: Sequence[tuple[str, Callable[[], list]]],
+                        out_dir: str | os.PathLike, transform: Callable, meta: dict | None = None,
+                        **options) -> Path:
+    """Embed ``parts`` (name, function listing that part's items) into one gallery at ``out_dir``.
+
+    Part ids must be distinct across parts. The gallery's skip list concatenates the parts'; its
+    manifest counts requested / embedded / skipped over all parts.
+    """
+    out_dir, work = Path(out_dir), partial_dir(out_dir)
+    names = [name for name, _ in parts]
+    if len(set(names)) != len(names) or any("/" in n for n in names):
+        raise ValueError("part names must be distinct and contain no '/'")
+    shards, skipped_lines = [], []
+    counts = {"requested": 0, "embedded": 0, "skipped": 0}
+    for name, list_items in parts:
+        part_dir = work / "parts" / name
+        if not (part_dir / MANIFEST).exists():
+            embed_images(encoder, list_items(), part_dir, transform, **options)
+        manifest = load_manifest(part_dir)
+        for shard in manifest["shards"]:
+            shards.append({**shard, "file": f"parts/{name}/{shard['file']}",
+                           "ids": f"parts/{name}/{shard['ids']}"})
+        part_meta = manifest["meta"]
+        for key in counts:
+            counts[key] += part_meta.get(key, 0)
+        skipped_lines += (part_dir / SKIPPED).read_text().splitlines()[1:]
+    atomic_write_text(work / SKIPPED, "id\treason\n" + "".join(f"{x}\n" for x in skipped_lines))
+    atomic_write_json(work / MANIFEST, {
+        "format": FORMAT_VERSION, "dim": encoder.embed_dim, "dtype": "float16",
+        "rows": sum(s["rows"] for s in shards), "shards": shards,
+        "meta": {**(meta or {}), **counts, "kind": "images", "backbone": encoder.info.name,
+                 "parts": names}})
+    load_embedding_set(work)  # every listed shard must open before the gallery is published
+    publish(work, out_dir)
+    return out_dir
+
+
+def load_manifest(directory: Path) -> dict:
+    """The manifest of a complete embedding set (with its meta)."""
+    import json
+    return json.loads((Path(directory) / MANIFEST).read_text())
+
+
+def embed_training_collection(encoder: Encoder, pairs: PairList, out_dir: str | os.PathLike,
+                              transform: Callable, name: str, **options) -> Path:
+    """Embed a :class:`PairList` into a training-collection folder (``quari.store`` layout).
+
+    Images that cannot be read are listed in ``images/skipped.tsv`` and their captions are left
+    out (counted in ``collection.json``); labels become integers (one per distinct label, -1 for
+    unknown) in the order they first appear.
+    """
+    out_dir, work = Path(out_dir), partial_dir(out_dir)
+    text_options = {k: v for k, v in options.items() if k in ("shard_rows", "progress")}
+    images = embed_images(encoder, pairs.images, work / "images", transform, **options)
+    row_of = images.index_of()
+    kept = [(cid, text, row_of[pairs.images[row][0]]) for cid, text, row in pairs.captions
+            if pairs.images[row][0] in row_of]
+    dropped = len(pairs.captions) - len(kept)
+    if dropped:
+        logger.warning("%s: %d captions of unreadable images left out", name, dropped)
+    embed_texts(encoder, [(cid, text) for cid, text, _ in kept], work / "captions", **text_options)
+    label_of = dict(zip((i for i, _ in pairs.images), pairs.labels))
+    codes: dict[str, int] = {}
+    labels = np.array([-1 if label_of[i] is None else codes.setdefault(label_of[i], len(codes))
+                       for i in images.ids], dtype=np.int64)
+    atomic_save_npy(work / "image_labels.npy", labels)
+    atomic_save_npy(work / "caption_image.npy", np.array([r for _, _, r in kept], dtype=np.int64))
+    atomic_write_json(work / "collection.json", {"name": name, "meta": {
+        "images_requested": len(pairs.images), "images_embedded": len(images),
+        "captions": len(kept), "captions_of_skipped_images": dropped,
+        "labels": len(codes), "backbone": encoder.info.name,
+        **{k: v for k, v in embedding_set_meta(work / "images").items() if k == "protocol"}}})
+    publish(work, out_dir)
+    return out_dir
+
+
+def configured_backbone(name: str, models: dict | None = None):
+    """The registry entry of backbone ``name`` and the local path to load it from.
+
+    ``models[name]`` (the ``real.models`` configuration) may give a local ``path`` (a
+    ``save_pretrained`` folder or open_clip checkpoint, loaded through the same code as the hub
+    id), and for a backbone outside the registry ``like`` (a registry name it copies) with
+    overrides of :class:`quari.backbones.BackboneInfo` fields.
+    """
+    import dataclasses
+
+    from quari.backbones import get_backbone
+    entry = dict((models or {}).get(name, {}))
+    path = entry.pop("path", None)
+    like = entry.pop("like", None)
+    info = get_backbone(like or name)
+    fields = {f.name for f in dataclasses.fields(info)}
+    unknown = sorted(set(entry) - fields)
+    if unknown:
+        raise ValueError(f"real.models.{name}: unknown field(s) {unknown}; allowed: "
+                         f"path, like, {', '.join(sorted(fields - {'name'}))}")
+    for key in ("mean", "std"):
+        if key in entry:
+            entry[key] = tuple(entry[key])
+    return dataclasses.replace(info, name=name, **entry), path

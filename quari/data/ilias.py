@@ -1,0 +1,149 @@
+"""ILIAS: image queries, positives, text queries, distractors and ground truth in official ids.
+
+Sources (BENCHMARKS.md):
+
+- Hugging Face ``vrg-prague/ilias`` webdataset shards; members ``jpg``, ``bbox.json`` and
+  ``download_url.txt``; keys such as ``bold_bimp_000/pos/P000_07`` (image queries are keys
+  ``<instance>/query/Qxxx_yy``). The official id of a core image is its path inside
+  ``ilias_core/``, i.e. the key plus ``.jpg`` (``bold_bimp_000/pos/P000_07.jpg``).
+- Text queries: ``<instance>/query/Txxx.txt`` files (the official id is that path), read from an
+  extracted ``ilias_core`` folder or from any tar holding those members.
+- Distractors: webdataset shards (the 45 mini-ILIAS shards, or the 1,000 YFCC100M shards of the
+  official server). Their official id is ``<shard file name>/<key>``, as ILIAS's feature
+  extraction names them; a distractor is never a positive.
+- ``image_ids/`` lists of the official server (``image_query_ids.txt`` and ``positive_ids.txt``
+  with the id in the first comma-separated column, ``text_query_ids.txt``): used to check that the
+  embedded sets are exactly the benchmark's.
+
+Ground truth: the instance name, the first path component of an id, is the class; a query's
+positives are the positive images of its instance.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tarfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from quari.data.tars import ImageRef, read_member_text, read_tar_samples
+
+logger = logging.getLogger(__name__)
+
+_QUERY_KEY = re.compile(r"^[^/]+/query/Q[^/]+$")
+_POSITIVE_KEY = re.compile(r"^[^/]+/pos/P[^/]+$")
+_TEXT_NAME = re.compile(r"^(?:.*/)?([^/]+/query/T[^/]+\.txt)$")
+
+
+def instance_of(official_id: str) -> str:
+    """The instance (ground-truth class) of a core id: its first path component."""
+    return official_id.split("/", 1)[0]
+
+
+def _core_items(tars: Iterable[str | os.PathLike], pattern: re.Pattern, what: str
+                ) -> list[tuple[str, ImageRef]]:
+    items = []
+    for tar in tars:
+        for key, fields in read_tar_samples(tar).items():
+            if not pattern.match(key):
+                continue
+            if "jpg" not in fields:
+                raise ValueError(f"{tar}: sample {key} has no jpg member")
+            items.append((f"{key}.jpg", fields["jpg"]))
+    if not items:
+        raise ValueError(f"no {what} found in {list(map(str, tars))}")
+    ids = [i for i, _ in items]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicate {what} keys across shards")
+    return sorted(items, key=lambda item: item[0])
+
+
+def image_query_items(tars: Iterable[str | os.PathLike]) -> list[tuple[str, ImageRef]]:
+    """``(official id, image)`` of every image query (keys ``<instance>/query/Q...``), sorted."""
+    return _core_items(list(tars), _QUERY_KEY, "image queries")
+
+
+def positive_items(tars: Iterable[str | os.PathLike]) -> list[tuple[str, ImageRef]]:
+    """``(official id, image)`` of every core positive (keys ``<instance>/pos/P...``), sorted."""
+    return _core_items(list(tars), _POSITIVE_KEY, "positives")
+
+
+def distractor_items(tar: str | os.PathLike) -> list[tuple[str, ImageRef]]:
+    """``(official id, image)`` of one distractor shard, in shard order; id = ``<shard name>/<key>``."""
+    name = Path(tar).name
+    return [(f"{name}/{key}", fields["jpg"]) for key, fields in read_tar_samples(tar).items()
+            if "jpg" in fields]
+
+
+def text_query_items(source: str | os.PathLike) -> list[tuple[str, str]]:
+    """``(official id, description)`` of every text query, sorted by id.
+
+    ``source`` is an extracted ``ilias_core`` folder (files ``<instance>/query/Txxx.txt``) or a tar
+    (e.g. the official ``ilias_core.tar``) holding such members under any prefix.
+    """
+    source = Path(source)
+    items: list[tuple[str, str]] = []
+    if source.is_dir():
+        for path in sorted(source.glob("*/query/T*.txt")):
+            items.append((path.relative_to(source).as_posix(), path.read_text("utf-8").strip()))
+    else:
+        try:
+            with tarfile.open(source, "r:*") as tar:
+                for member in tar:
+                    match = _TEXT_NAME.match(member.name)
+                    if member.isfile() and match:
+                        data = tar.extractfile(member).read()
+                        items.append((match.group(1), data.decode("utf-8").strip()))
+        except tarfile.TarError as err:
+            raise tarfile.ReadError(f"{source}: unreadable tar ({err})") from err
+    if not items:
+        raise ValueError(f"{source}: no text queries (<instance>/query/T*.txt) found")
+    return sorted(items)
+
+
+def text_query_items_from_tars(tars: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
+    """Text queries from webdataset shards whose samples carry a ``txt`` member under a key
+    ``<instance>/query/Txxx``; the official id is the key plus ``.txt``."""
+    items = []
+    for tar in tars:
+        for key, fields in read_tar_samples(tar).items():
+            if "txt" in fields and re.match(r"^[^/]+/query/T[^/]+$", key):
+                items.append((f"{key}.txt", read_member_text(fields["txt"])))
+    if not items:
+        raise ValueError(f"no text queries found in {list(map(str, tars))}")
+    return sorted(items)
+
+
+def ground_truth(query_ids: Sequence[str], positive_ids: Sequence[str]) -> dict[str, list[str]]:
+    """``{query id: positives of the query's instance}`` for image and text queries alike.
+
+    Raises ValueError naming the queries whose instance has no positive (a wrong or partial file).
+    """
+    by_instance: dict[str, list[str]] = {}
+    for pid in positive_ids:
+        by_instance.setdefault(instance_of(pid), []).append(pid)
+    missing = [q for q in query_ids if instance_of(q) not in by_instance]
+    if missing:
+        raise ValueError(f"{len(missing)} queries have no positive of their instance, "
+                         f"e.g. {missing[:3]}")
+    return {q: sorted(by_instance[instance_of(q)]) for q in query_ids}
+
+
+def read_id_list(path: str | os.PathLike) -> list[str]:
+    """Official ids of an ``image_ids/*.txt`` list (first comma-separated column; gzip allowed)."""
+    import gzip
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [line.split(",", 1)[0].strip() for line in f if line.strip()]
+
+
+def check_against_official(ids: Sequence[str], official: Sequence[str], what: str) -> None:
+    """Raise ValueError when ``ids`` differ from the official list (counts and examples both ways)."""
+    have, want = set(ids), set(official)
+    if have != want:
+        raise ValueError(
+            f"{what}: {len(have)} ids, official list has {len(want)}; "
+            f"missing e.g. {sorted(want - have)[:3]}, unexpected e.g. {sorted(have - want)[:3]}")

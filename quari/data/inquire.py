@@ -1,0 +1,251 @@
+"""INQUIRE: Fullrank queries and annotations, the iNat24 pool, and INQUIRE-Rerank.
+
+- Fullrank (the benchmark's GitHub CSVs): ``inquire_queries_{val,test}.csv`` with columns
+  ``query_id``, ``query_text`` (plus category fields) and ``inquire_annotations.csv`` with
+  ``query_id``, ``image_id``, ``image_path``. A pool image's id is its path inside the iNat24
+  archive, ``train/<class folder>/<uuid>.jpg``, exactly the annotations' ``image_path``.
+- The iNat24 pool: image files under ``<root>/train/...`` (competition ``train.tar.gz``), or the
+  benchmark's precomputed embeddings in clip-retrieval layout, ``img_emb/img_emb_<n>.npy`` with
+  ``metadata/metadata_<n>.parquet`` whose ``image_path`` column holds the path without ``.jpg``;
+  :func:`convert_clip_retrieval` turns those into an embedding set with the same ids.
+- INQUIRE-Rerank (Hugging Face ``evendrow/INQUIRE-Rerank``, parquet): one row per (query,
+  candidate image) with columns ``image`` (a struct holding the encoded ``bytes``), ``query``,
+  ``relevant`` (0/1), ``clip_score``, ``inat24_image_id``, ``inat24_file_name``, ... Each query
+  has a fixed candidate list (100 images). A query's id is its text; an image's id is its
+  ``inat24_image_id``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from quari.store import EmbeddingSetWriter, atomic_write_bytes, l2_normalize
+
+logger = logging.getLogger(__name__)
+
+
+def _require_columns(frame, columns: Sequence[str], source) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{source}: missing column(s) {missing}; has {list(frame.columns)}")
+
+
+def read_queries(csv_path: str | os.PathLike) -> list[tuple[str, str]]:
+    """``(query id, raw query text)`` of an ``inquire_queries_*.csv`` file, in file order."""
+    import pandas as pd
+    frame = pd.read_csv(csv_path)
+    _require_columns(frame, ["query_id", "query_text"], csv_path)
+    return [(str(q), str(t)) for q, t in zip(frame["query_id"], frame["query_text"])]
+
+
+def read_annotations(csv_path: str | os.PathLike, query_ids: Sequence[str]
+                     ) -> dict[str, list[str]]:
+    """``{query id: relevant pool ids}`` for the given queries from ``inquire_annotations.csv``.
+
+    A query without any annotation is an error (every INQUIRE query has relevant images).
+    """
+    import pandas as pd
+    frame = pd.read_csv(csv_path, dtype={"query_id": str})
+    _require_columns(frame, ["query_id", "image_path"], csv_path)
+    wanted = set(query_ids)
+    positives: dict[str, list[str]] = {q: [] for q in query_ids}
+    for q, path in zip(frame["query_id"], frame["image_path"]):
+        if q in wanted:
+            positives[q].append(pool_id(path))
+    empty = [q for q, p in positives.items() if not p]
+    if empty:
+        raise ValueError(f"{csv_path}: no annotation for queries {empty[:5]}")
+    return {q: sorted(set(p)) for q, p in positives.items()}
+
+
+def pool_id(image_path: str) -> str:
+    """The id of a pool image: its archive path, ``train/...jpg`` (``.jpg`` added if absent)."""
+    path = str(image_path).replace("\\", "/").lstrip("/")
+    return path if path.lower().endswith(".jpg") else path + ".jpg"
+
+
+def pool_items(root: str | os.PathLike, limit: int | None = None) -> list[tuple[str, str]]:
+    """``(pool id, file path)`` of the iNat24 images under ``root/train/``, sorted by id."""
+    root = Path(root)
+    if not (root / "train").is_dir():
+        raise FileNotFoundError(f"{root / 'train'}: the extracted iNat24 train/ folder is missing")
+    paths = sorted(root.glob("train/*/*.jpg"))
+    if limit is not None:
+        paths = paths[:limit]
+    return [(p.relative_to(root).as_posix(), str(p)) for p in paths]
+
+
+def _numbered(folder: Path, pattern: str) -> list[Path]:
+    """Files of ``folder`` matching ``pattern``, ordered by the number in their name."""
+    def number(p: Path) -> int:
+        digits = re.findall(r"\d+", p.stem)
+        return int(digits[-1]) if digits else -1
+    return sorted(folder.glob(pattern), key=lambda p: (number(p), p.name))
+
+
+def convert_clip_retrieval(folder: str | os.PathLike, out_dir: str | os.PathLike,
+                           meta: dict | None = None) -> int:
+    """Write the precomputed embeddings of a clip-retrieval folder as an embedding set.
+
+    Rows of ``img_emb/img_emb_<n>.npy`` pair with rows of ``metadata/metadata_<n>.parquet``
+    (``image_path``, without ``.jpg``); ids become pool ids, vectors are L2-normalised and stored
+    fp16, one shard per part. Returns the number of rows. A row-count mismatch names the part.
+    """
+    import pyarrow.parquet as pq
+    folder = Path(folder)
+    embeddings = _numbered(folder / "img_emb", "*.npy")
+    metadata = _numbered(folder / "metadata", "*.parquet")
+    if not embeddings:
+        raise FileNotFoundError(f"{folder / 'img_emb'}: no img_emb_*.npy files")
+    if len(embeddings) != len(metadata):
+        raise ValueError(f"{folder}: {len(embeddings)} embedding parts but {len(metadata)} "
+                         "metadata parts")
+    writer = None
+    rows = 0
+    for emb_path, meta_path in zip(embeddings, metadata):
+        vectors = np.load(emb_path, mmap_mode="r")
+        table = pq.read_table(meta_path, columns=["image_path"])
+        if table.num_rows != len(vectors):
+            raise ValueError(f"{emb_path} has {len(vectors)} rows, {meta_path} {table.num_rows}")
+        if writer is None:
+            writer = EmbeddingSetWriter(out_dir, vectors.shape[1])
+            if writer.shards:
+                raise FileExistsError(f"{out_dir} holds a partial set; remove it first")
+        ids = [pool_id(p) for p in table.column("image_path").to_pylist()]
+        writer.add_shard(l2_normalize(np.asarray(vectors, dtype=np.float32)), ids)
+        rows += len(ids)
+    writer.close({**(meta or {}), "kind": "images", "source": str(folder), "requested": rows,
+                  "embedded": rows, "skipped": 0})
+    return rows
+
+
+@dataclass
+class RerankSplit:
+    """One INQUIRE-Rerank split: queries, each with its fixed candidates and relevant ones."""
+
+    queries: list[str]                 # query ids (= texts), in first-appearance order
+    candidates: dict[str, list[str]]   # query -> candidate image ids, in the benchmark's order
+    relevant: dict[str, list[str]]     # query -> relevant candidate image ids
+    images: list[str]                  # distinct image ids, in first-appearance order
+
+
+RERANK_COLUMNS = ("query", "relevant", "inat24_image_id")
+
+
+def read_rerank(parquet_files: Sequence[str | os.PathLike]) -> RerankSplit:
+    """Queries, candidates and relevance of an INQUIRE-Rerank split (its parquet files, in order)."""
+    import pyarrow.parquet as pq
+    queries: list[str] = []
+    candidates: dict[str, list[str]] = {}
+    relevant: dict[str, list[str]] = {}
+    images: dict[str, None] = {}
+    for path in parquet_files:
+        table = pq.read_table(path, columns=list(RERANK_COLUMNS))
+        for query, rel, image in zip(*(table.column(c).to_pylist() for c in RERANK_COLUMNS)):
+            image = str(image)
+            if query not in candidates:
+                queries.append(query)
+                candidates[query], relevant[query] = [], []
+            candidates[query].append(image)
+            if int(rel):
+                relevant[query].append(image)
+            images.setdefault(image, None)
+    if not queries:
+        raise ValueError(f"no rows in {list(map(str, parquet_files))}")
+    return RerankSplit(queries, candidates, relevant, list(images))
+
+
+def extract_rerank_images(parquet_files: Sequence[str | os.PathLike], out_dir: str | os.PathLike
+                          ) -> list[tuple[str, str]]:
+    """Write each distinct candidate image once as ``<out_dir>/<inat24_image_id>.jpg`` (atomically;
+    files already there are kept) and return ``(image id, path)`` in first-appearance order.
+
+    Reads one parquet row group at a time, so memory stays bounded by a row group."""
+    import pyarrow.parquet as pq
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    items: dict[str, str] = {}
+    for path in parquet_files:
+        parquet = pq.ParquetFile(path)
+        if "image" not in parquet.schema_arrow.names:
+            raise ValueError(f"{path}: no 'image' column; has {parquet.schema_arrow.names}")
+        for group in range(parquet.num_row_groups):
+            table = parquet.read_row_group(group, columns=["image", "inat24_image_id"])
+            for image, image_id in zip(table.column("image").to_pylist(),
+                                       table.column("inat24_image_id").to_pylist()):
+                image_id = str(image_id)
+                if image_id in items:
+                    continue
+                target = out_dir / f"{image_id}.jpg"
+                if not target.exists():
+                    data = image.get("bytes") if isinstance(image, dict) else image
+                    if not data:
+                        raise ValueError(f"{path}: image {image_id} has no bytes")
+                    atomic_write_bytes(target, data)
+                items[image_id] = str(target)
+    return list(items.items())
+
+
+def rerank_candidates(method, queries, gallery, candidates: dict[str, list[str]],
+                      relevant: dict[str, list[str]], batch_size: int = 64) -> dict:
+    """INQUIRE-Rerank with ``method``: re-rank each query's fixed candidate list (not a cosine
+    top-k) and score it as the benchmark does (plain AP / nDCG / MRR over the list, P = relevant
+    candidates; ``quari.metrics.inquire_rerank_metrics``).
+
+    ``queries`` and ``gallery`` are embedding sets whose ids are the query ids and candidate image
+    ids. Returns metrics (mAP@50 / nDCG@50 / MRR keys, as the paper labels them), the list length
+    and the re-ranking time per 1k and per 100 pairs (warm-up outside the timer).
+    """
+    import time
+
+    import torch
+
+    from quari import metrics
+    row_of = gallery.index_of()
+    missing = sorted({c for q in queries.ids for c in candidates[q] if c not in row_of})
+    if missing:
+        raise ValueError(f"{len(missing)} candidate images are not in the gallery (unreadable?), "
+                         f"e.g. {missing[:3]}")
+    sync = (lambda: torch.cuda.synchronize(method.device)) if method.device.type == "cuda" \
+        else (lambda: None)
+    relevance, seconds, pairs = [], 0.0, 0
+    order_of_queries = list(range(len(queries)))
+    # queries of equal list length are re-ranked together (the benchmark has 100 for all)
+    by_length: dict[int, list[int]] = {}
+    for n in order_of_queries:
+        by_length.setdefault(len(candidates[queries.ids[n]]), []).append(n)
+    ranked: dict[int, list[str]] = {}
+    warm = False
+    for members in by_length.values():
+        for start in range(0, len(members), batch_size):
+            batch = members[start:start + batch_size]
+            ids = [queries.ids[n] for n in batch]
+            q = np.asarray(queries.embeddings[batch], dtype=np.float32)
+            rows = np.array([[row_of[c] for c in candidates[i]] for i in ids], dtype=np.int64)
+            if not warm:
+                method.rerank(q[:1], gallery.embeddings, rows[:1], query_ids=ids[:1])
+                warm = True
+            sync()
+            t0 = time.perf_counter()
+            scores = method.rerank(q, gallery.embeddings, rows, query_ids=ids).numpy()
+            sync()
+            seconds += time.perf_counter() - t0
+            pairs += rows.size
+            order = np.argsort(-scores, axis=1, kind="stable")
+            for n, i, o in zip(batch, ids, order):
+                ranked[n] = [candidates[i][j] for j in o]
+    for n in order_of_queries:
+        qid = queries.ids[n]
+        relevance.append(metrics.relevance_of(ranked[n], set(relevant[qid])))
+    m = metrics.inquire_rerank_metrics(relevance)
+    return {"metrics": {"mAP@50": m["mAP"], "nDCG@50": m["nDCG"], "MRR": m["MRR"]},
+            "seconds": seconds, "ms_per_1k_pairs": 1e6 * seconds / pairs,
+            "ms_per_100_pairs": 1e5 * seconds / pairs, "shortlist": max(by_length),
+            "num_queries": len(queries), "gallery_size": len(gallery)}

@@ -1,0 +1,240 @@
+"""Where each dataset's official files come from, and the local files a run will use.
+
+Each ``locate_*`` function takes the dataset's settings (the ``real:`` section of the workflow
+configuration), the ``data_root`` and whether downloading is allowed, makes sure every file is
+present and verified (fetching what is missing when allowed), and returns a JSON-able manifest of
+local paths that the embedding and ground-truth stages read. Files a user already has are used
+where they lie under ``data_root`` (same relative layout as a download); with downloading off,
+anything missing is reported at once, with where it was expected.
+
+Layout under ``data_root``::
+
+    ilias/hf/                 Hugging Face vrg-prague/ilias files (core and mini-ILIAS shards)
+    ilias/server/             official server: checksums.txt, ilias_core.tar, image_ids/, yfcc100m/
+    inquire/                  inquire_queries_{val,test}.csv, inquire_annotations.csv
+    inquire/rerank/           Hugging Face evendrow/INQUIRE-Rerank parquet files
+    inquire/inat24/           train/ (extracted iNat24 images) and train.tar.gz
+    coco/                     annotations/captions_train2017.json, train2017/
+    cc12m/                    webdataset shards
+    biotrove/, uned/          user-provided (see quari.data.collections)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+from pathlib import Path
+
+from quari.data.downloads import (MissingDataError, RemoteFile, fetch, hf_file, hf_matching_files,
+                                  read_checksums, require_files)
+
+logger = logging.getLogger(__name__)
+
+
+def hf_files(repo_id: str, pattern: str, local_dir: Path, download: bool,
+             expected: int | None = None, repo_type: str = "dataset") -> list[str]:
+    """Local paths of a repository's files matching ``pattern``: those already in ``local_dir``
+    when complete (``expected`` files, or any when None), else fetched from the hub."""
+    # the hub keeps the repository's folders (data/test-00000-of-00004.parquet): look in them too
+    local = sorted(str(p) for p in local_dir.rglob(pattern) if p.is_file())
+    if local and (expected is None or len(local) == expected):
+        return local
+    if not download:
+        want = f"{expected} files" if expected else "files"
+        raise MissingDataError(f"expected {want} matching {local_dir / pattern} "
+                               f"({repo_id}), found {len(local)}")
+    names = hf_matching_files(repo_id, pattern, repo_type=repo_type)
+    if not names or (expected is not None and len(names) != expected):
+        raise ValueError(f"{repo_id}: {len(names)} files match {pattern!r}, expected "
+                         f"{expected or 'some'}; check the dataset card and the configuration")
+    return [str(hf_file(repo_id, n, local_dir, repo_type=repo_type)) for n in names]
+
+
+def _server_file(base_url: str, name: str, root: Path, download: bool,
+                 sha256: str | None = None) -> str:
+    path = root / name
+    if download:
+        fetch(RemoteFile(f"{base_url.rstrip('/')}/{name}", str(path), sha256=sha256))
+    else:
+        require_files([(path, f"{name} of {base_url}")])
+    return str(path)
+
+
+def _checksums(cfg: dict, root: Path, download: bool) -> dict[str, str]:
+    """``{file name under the server root: sha256}`` from the server's checksums.txt."""
+    path = Path(_server_file(cfg["server_url"], "checksums.txt", root, download))
+    base = cfg["server_url"].rstrip("/") + "/"
+    table = {}
+    for digest, url in read_checksums(path):
+        name = url[len(base):] if url.startswith(base) else url.rsplit("/", 1)[-1]
+        table[name] = digest
+    return table
+
+
+ID_LISTS = ("image_query_ids.txt", "text_query_ids.txt", "positive_ids.txt")
+
+
+def locate_ilias_core(cfg: dict, data_root: str | os.PathLike, download: bool) -> dict:
+    """Image-query and positive shards (Hugging Face), text queries and official id lists."""
+    root = Path(data_root) / "ilias"
+    hf = root / "hf"
+    manifest = {
+        "image_query_tars": hf_files(cfg["hf_repo"], cfg["query_shards"], hf, download),
+        "positive_tars": hf_files(cfg["hf_repo"], cfg["positive_shards"], hf, download),
+    }
+    server = root / "server"
+    core_dir = server / "ilias_core"
+    if core_dir.is_dir():  # an extracted ilias_core/ folder of one's own
+        manifest["text_queries"] = str(core_dir)
+    elif (server / "ilias_core.tar").is_file() and not download:
+        manifest["text_queries"] = str(server / "ilias_core.tar")
+    else:
+        sums = _checksums(cfg, server, download) if download else {}
+        manifest["text_queries"] = _server_file(cfg["server_url"], "ilias_core.tar", server,
+                                                download, sums.get("ilias_core.tar"))
+    ids = server / "image_ids"
+    present = all((ids / n).is_file() for n in ID_LISTS)
+    if download and not present:
+        for name in ID_LISTS:
+            _server_file(cfg["server_url"], f"image_ids/{name}", server, True)
+        present = True
+    manifest["image_ids"] = str(ids) if present else None
+    if not present:
+        logger.warning("%s: official id lists absent; ids are not checked against them", ids)
+    return manifest
+
+
+def locate_ilias_mini(cfg: dict, data_root: str | os.PathLike, download: bool) -> dict:
+    """The mini-ILIAS distractor shards (Hugging Face, ``mini_shards`` of them)."""
+    hf = Path(data_root) / "ilias" / "hf"
+    return {"distractor_tars": hf_files(cfg["hf_repo"], cfg["mini_pattern"], hf, download,
+                                        expected=cfg["mini_shards"])}
+
+
+def locate_ilias_yfcc(cfg: dict, data_root: str | os.PathLike, download: bool) -> dict:
+    """The YFCC100M distractor shards of the official server, each verified against checksums.txt
+    (the first ``yfcc_shards`` listed; all when None)."""
+    server = Path(data_root) / "ilias" / "server"
+    if not download and not (server / "checksums.txt").is_file():
+        tars = sorted(str(p) for p in (server / "yfcc100m").glob("*.tar"))
+        if not tars:
+            require_files([(server / "checksums.txt", "ILIAS server checksums"),
+                           (server / "yfcc100m", "YFCC100M distractor shards")])
+        limit = cfg.get("yfcc_shards")
+        return {"distractor_tars": tars[:limit] if limit else tars}
+    sums = _checksums(cfg, server, download)
+    names = sorted(n for n in sums if "yfcc100m" in n and n.endswith(".tar"))
+    if cfg.get("yfcc_shards"):
+        names = names[:cfg["yfcc_shards"]]
+    tars = []
+    for name in names:
+        path = server / "yfcc100m" / Path(name).name
+        remote = RemoteFile(f"{cfg['server_url'].rstrip('/')}/{name}", str(path), sha256=sums[name])
+        if download:
+            fetch(remote)
+        else:
+            require_files([(path, f"{name} (sha256 {sums[name]})")])
+        tars.append(str(path))
+    return {"distractor_tars": tars}
+
+
+QUERY_FILES = {"val": "inquire_queries_val.csv", "test": "inquire_queries_test.csv"}
+
+
+def locate_inquire(cfg: dict, data_root: str | os.PathLike, download: bool,
+                   precomputed: dict[str, str] | None = None) -> dict:
+    """Fullrank queries and annotations, and the iNat24 pool (images, or precomputed embeddings
+    per backbone from ``precomputed``: backbone -> clip-retrieval folder)."""
+    root = Path(data_root) / "inquire"
+    names = (QUERY_FILES[cfg["split"]], "inquire_annotations.csv")
+    files = {name: str(root / name) for name in names}
+    if download:
+        for name in names:
+            fetch(RemoteFile(f"{cfg['csv_url'].rstrip('/')}/{name}", files[name]))
+    else:
+        require_files([(files[name], f"INQUIRE {name}") for name in names])
+    manifest = {"queries": files[QUERY_FILES[cfg["split"]]],
+                "annotations": files["inquire_annotations.csv"], "precomputed": {}}
+    for backbone, folder in (precomputed or {}).items():
+        require_files([(Path(folder) / "img_emb", f"precomputed iNat24 embeddings of {backbone}"),
+                       (Path(folder) / "metadata", f"their metadata parquet files")])
+        manifest["precomputed"][backbone] = str(folder)
+    manifest["pool_root"] = str(root / "inat24")
+    if cfg["pool"] == "images":
+        manifest["pool_root"] = locate_inat24_images(cfg, root / "inat24", download)
+    return manifest
+
+
+def locate_inat24_images(cfg: dict, root: Path, download: bool) -> str:
+    """The extracted iNat24 ``train/`` folder (downloading and extracting train.tar.gz if needed)."""
+    done = root / ".train-extracted"
+    if (root / "train").is_dir() and (done.exists() or not download):
+        return str(root)
+    archive = root / "train.tar.gz"
+    if not download:
+        require_files([(root / "train", "extracted iNat24 images"), (archive, "iNat24 archive")])
+    fetch(RemoteFile(cfg["inat24_url"], str(archive), md5=cfg["inat24_md5"]))
+    logger.info("extracting %s (441 GB)", archive)
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(root, filter="data")
+    done.write_text("ok\n")
+    return str(root)
+
+
+def locate_inquire_rerank(cfg: dict, data_root: str | os.PathLike, download: bool) -> dict:
+    """INQUIRE-Rerank parquet files of the configured split."""
+    local = Path(data_root) / "inquire" / "rerank"
+    split = "validation" if cfg["split"] == "val" else "test"
+    pattern = cfg["rerank_patterns"][split]
+    return {"parquets": hf_files(cfg["rerank_repo"], pattern, local, download)}
+
+
+def locate_collection(name: str, cfg: dict, data_root: str | os.PathLike, download: bool) -> dict:
+    """Files of one training collection (see quari.data.collections for the formats)."""
+    root = Path(data_root) / name
+    kind = cfg["format"]
+    if kind == "coco":
+        captions = root / "annotations" / "captions_train2017.json"
+        images = root / "train2017"
+        if download and not (captions.is_file() and images.is_dir()):
+            _fetch_zip(cfg["annotations_url"], root, "annotations_trainval2017.zip")
+            _fetch_zip(cfg["images_url"], root, "train2017.zip")
+        require_files([(captions, "MS-COCO captions"), (images, "MS-COCO train2017 images")])
+        return {"format": kind, "captions": str(captions), "images": str(images)}
+    if kind == "webdataset":
+        pattern = cfg.get("pattern", "*.tar")
+        if cfg.get("hf_repo"):
+            tars = hf_files(cfg["hf_repo"], pattern, root, download, expected=None)
+        else:
+            tars = sorted(str(p) for p in root.glob(pattern))
+            if not tars:
+                require_files([(root / pattern, f"{name} webdataset shards")])
+        if cfg.get("max_shards"):
+            tars = tars[:cfg["max_shards"]]
+        return {"format": kind, "tars": tars}
+    if kind == "table":
+        table = root / cfg["table"]
+        require_files([(table, f"{name} image-caption table")])
+        return {"format": kind, "table": str(table), "image_root": str(root / cfg.get("image_root", "."))}
+    if kind == "uned":
+        paths = root / "uned_paths_1M.txt"
+        if download and not paths.is_file():
+            fetch(RemoteFile(cfg["paths_url"], str(paths)))
+        require_files([(paths, "UnED 1M image list (ILIAS misc/uned_paths_1M.txt)"),
+                       (root / "images", "UnED images (assembled with UnED's own scripts)")])
+        return {"format": kind, "paths": str(paths), "image_root": str(root / "images")}
+    raise ValueError(f"collection {name}: unknown format {kind!r}")
+
+
+def _fetch_zip(url: str, root: Path, name: str) -> None:
+    """Download a zip (verified by the CRC of every member) and extract it into ``root``."""
+    import zipfile
+    archive = root / name
+    fetch(RemoteFile(url, str(archive)))
+    with zipfile.ZipFile(archive) as z:
+        bad = z.testzip()
+        if bad is not None:
+            archive.unlink()
+            raise ValueError(f"{archive}: member {bad} fails its CRC; removed, run again")
+        z.extractall(root)

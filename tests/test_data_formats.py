@@ -1,0 +1,352 @@
+"""Data adapters on small files generated in each official format, and the writers of those files
+(shared with tests/test_paper_workflow.py).
+
+Formats: ILIAS webdataset shards (``jpg``, ``bbox.json``, ``download_url.txt``; keys
+``<instance>/query/Qxxx_yy``, ``<instance>/pos/Pxxx_zz``), the ILIAS core folder's ``Txxx.txt``
+text queries and ``image_ids`` lists; INQUIRE CSVs, INQUIRE-Rerank parquet (real column names,
+embedded image bytes), a clip-retrieval embedding folder; COCO captions JSON, CC12M-style
+webdataset, a BioTrove-style table and the UnED path list.
+"""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quari.data import collections, ilias, inquire
+from quari.data.tars import ImageRef, read_tar_samples, split_key
+from quari.store import load_embedding_set
+
+INSTANCES = ["bold_bimp_000", "calm_cork_001", "dark_dune_002"]
+WORDS = "a red bird on branch photo of the cat".split()
+
+
+def jpeg_bytes(seed: int, size=(24, 18)) -> bytes:
+    """A small random-colour JPEG."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    pixels = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> Path:
+    """A plain tar of ``{member name: bytes}`` in the given order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _sample(key: str, seed: int, url: bool = True) -> dict[str, bytes]:
+    members = {f"{key}.jpg": jpeg_bytes(seed), f"{key}.bbox.json": b"[[1, 2, 10, 8]]"}
+    if url:
+        members[f"{key}.download_url.txt"] = f"https://example.org/{seed}.jpg".encode()
+    return members
+
+
+def make_ilias(root: Path, distractors_per_shard: int = 6, mini_shards: int = 2,
+               yfcc_shards: int = 2) -> dict:
+    """ILIAS in its official layouts under ``root`` (= data_root/ilias); returns expected ids."""
+    queries, positives, texts, members_q, members_p = [], [], [], {}, {}
+    seed = 0
+    for n, inst in enumerate(INSTANCES):
+        for q in range(1 + n % 2):
+            key = f"{inst}/query/Q{n:03d}_{q:02d}"
+            members_q.update(_sample(key, seed := seed + 1))
+            queries.append(f"{key}.jpg")
+        for p in range(2 + n):
+            key = f"{inst}/pos/P{n:03d}_{p:02d}"
+            members_p.update(_sample(key, seed := seed + 1, url=p % 2 == 0))
+            positives.append(f"{key}.jpg")
+        text = root / "server" / "ilias_core" / inst / "query" / f"T{n:03d}.txt"
+        text.parent.mkdir(parents=True, exist_ok=True)
+        text.write_text(f"a {WORDS[n + 1]} {WORDS[n + 2]} on the branch\n")
+        texts.append(f"{inst}/query/T{n:03d}.txt")
+    write_tar(root / "hf" / "ilias-core-queries-img-000000.tar", members_q)
+    write_tar(root / "hf" / "ilias-core-db-000000.tar", members_p)
+    mini, yfcc = [], []
+    for s in range(mini_shards):
+        name = f"mini_ilias_yfcc100m-{s:06d}.tar"
+        keys = [f"{9000 + 10 * s + d}" for d in range(distractors_per_shard)]
+        write_tar(root / "hf" / name,
+                  {k: v for d, key in enumerate(keys) for k, v in _sample(key, 500 + 10 * s + d).items()})
+        mini += [f"{name}/{k}" for k in keys]
+    for s in range(yfcc_shards):
+        name = f"yfcc100m_{s:06d}.tar"
+        keys = [f"{7000 + 10 * s + d}" for d in range(distractors_per_shard + 1)]
+        write_tar(root / "server" / "yfcc100m" / name,
+                  {k: v for d, key in enumerate(keys) for k, v in _sample(key, 800 + 10 * s + d).items()})
+        yfcc += [f"{name}/{k}" for k in keys]
+    ids = root / "server" / "image_ids"
+    ids.mkdir(parents=True)
+    (ids / "image_query_ids.txt").write_text("".join(f"{q},0.1\n" for q in queries))
+    (ids / "text_query_ids.txt").write_text("".join(f"{t}\n" for t in texts))
+    (ids / "positive_ids.txt").write_text("".join(f"{p},0.2,10\n" for p in positives))
+    return {"queries": queries, "positives": positives, "texts": texts, "mini": mini, "yfcc": yfcc}
+
+
+INQUIRE_QUERIES = [("3", "a red bird on a branch"), ("4", "the cat of the photo")]
+
+
+def make_inquire(root: Path, images_per_class: int = 4, dim: int = 24) -> dict:
+    """INQUIRE Fullrank CSVs, an iNat24 image folder and a clip-retrieval folder of the same pool
+    under ``root`` (= data_root/inquire); returns the pool ids and ground truth."""
+    import pandas as pd
+    root.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"query_id": [int(q) for q, _ in INQUIRE_QUERIES],
+                  "query_text": [t for _, t in INQUIRE_QUERIES],
+                  "supercategory": ["Context", "Behavior"], "category": ["x", "y"],
+                  "iconic_group": ["Birds", "Mammals"]}).to_csv(root / "inquire_queries_test.csv")
+    pool = []
+    for c, cls in enumerate(["00001_Animalia_Aves_a", "00002_Animalia_Mammalia_b"]):
+        for i in range(images_per_class):
+            rel = f"train/{cls}/{c:02d}-{i:04d}-uuid.jpg"
+            path = root / "inat24" / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(jpeg_bytes(100 + 10 * c + i))
+            pool.append(rel)
+    truth = {"3": pool[:2], "4": [pool[images_per_class]]}
+    rows = [(int(q), n, p) for q, ps in truth.items() for n, p in enumerate(ps)]
+    pd.DataFrame(rows, columns=["query_id", "image_id", "image_path"]).to_csv(
+        root / "inquire_annotations.csv", index=False)
+    emb = root / "embeddings" / "tiny"
+    rng = np.random.default_rng(0)
+    (emb / "img_emb").mkdir(parents=True)
+    (emb / "metadata").mkdir()
+    halves = [pool[:3], pool[3:]]
+    vectors = []
+    for n, part in enumerate(halves):
+        v = (rng.standard_normal((len(part), dim)) * 3).astype(np.float16)
+        np.save(emb / "img_emb" / f"img_emb_{n}.npy", v)
+        pd.DataFrame({"image_path": [p[:-4] for p in part]}).to_parquet(
+            emb / "metadata" / f"metadata_{n}.parquet")
+        vectors.append(v)
+    return {"pool": pool, "truth": truth, "precomputed": str(emb),
+            "vectors": np.concatenate(vectors).astype(np.float32)}
+
+
+RERANK_QUERIES = ["a red bird", "photo of the cat"]
+
+
+def make_rerank(path: Path, candidates: int = 5) -> dict:
+    """An INQUIRE-Rerank split as parquet with the real column names and embedded images; the
+    two queries share one candidate image (ids repeat across queries, as in the benchmark)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = {k: [] for k in ("image", "query", "relevant", "clip_score", "inat24_image_id",
+                            "inat24_file_name", "supercategory", "category", "iconic_group")}
+    expected = {}
+    for qn, query in enumerate(RERANK_QUERIES):
+        ids = [1000 + qn * (candidates - 1) + c for c in range(candidates)]
+        relevant = [ids[c] for c in range(candidates) if (c + qn) % 2 == 0]
+        expected[query] = ([str(i) for i in ids], [str(i) for i in relevant])
+        for c, image_id in enumerate(ids):
+            rows["image"].append({"bytes": jpeg_bytes(image_id), "path": f"{image_id}.jpg"})
+            rows["query"].append(query)
+            rows["relevant"].append(int(image_id in relevant))
+            rows["clip_score"].append(float(1 - c / 10))
+            rows["inat24_image_id"].append(image_id)
+            rows["inat24_file_name"].append(f"train/x/{image_id}.jpg")
+            rows["supercategory"].append("Context")
+            rows["category"].append("c")
+            rows["iconic_group"].append("Birds")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows), path, row_group_size=3)
+    return expected
+
+
+def make_collections(root: Path) -> dict:
+    """MS-COCO captions, a CC12M-style shard and the UnED list under ``root`` (= data_root)."""
+    coco = root / "coco"
+    (coco / "train2017").mkdir(parents=True)
+    (coco / "annotations").mkdir()
+    images, annotations = [], []
+    for i in range(8):
+        name = f"{i + 1:012d}.jpg"
+        (coco / "train2017" / name).write_bytes(jpeg_bytes(300 + i))
+        images.append({"id": i + 1, "file_name": name, "height": 18, "width": 24})
+        for c in range(2):
+            annotations.append({"id": 100 + 2 * i + c, "image_id": i + 1,
+                                "caption": f"{WORDS[(i + c) % 9]} {WORDS[(i + 3) % 9]} photo"})
+    (coco / "annotations" / "captions_train2017.json").write_text(
+        json.dumps({"images": images[::-1], "annotations": annotations}))
+    members = {}
+    for i in range(6):
+        members[f"{i:09d}.jpg"] = jpeg_bytes(400 + i)
+        members[f"{i:09d}.txt"] = f"the {WORDS[i]} bird".encode()
+    write_tar(root / "cc12m" / "cc12m-train-0000.tar", members)
+    uned = root / "uned"
+    lines = []
+    for i in range(12):
+        rel = f"dom{i % 2}/cls{i % 3}/{i}.jpg"
+        (uned / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (uned / "images" / rel).write_bytes(jpeg_bytes(500 + i))
+        lines.append(f"{rel},{i % 3},{i % 2}")
+    (uned / "uned_paths_1M.txt").write_text("\n".join(lines) + "\n")
+    return {"coco_images": 8, "coco_captions": 16, "cc12m": 6, "uned": 12}
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_tar_index_reads_every_member_by_offset(tmp_path):
+    members = {**_sample("inst/pos/P000_00", 1), "inst/pos/P000_01.jpg": jpeg_bytes(2),
+               "other.tar.gz.note": b"x"}
+    tar = write_tar(tmp_path / "s.tar", members)
+    samples = read_tar_samples(tar)
+    assert list(samples) == ["inst/pos/P000_00", "inst/pos/P000_01", "other"]
+    assert set(samples["inst/pos/P000_00"]) == {"jpg", "bbox.json", "download_url.txt"}
+    assert samples["inst/pos/P000_00"]["jpg"]() == members["inst/pos/P000_00.jpg"]
+    assert samples["inst/pos/P000_01"]["jpg"]() == members["inst/pos/P000_01.jpg"]
+    assert split_key("a/b/c.bbox.json") == ("a/b/c", "bbox.json")
+    assert ImageRef(str(tar))() == tar.read_bytes()
+
+
+def test_truncated_shard_is_refused(tmp_path):
+    tar = write_tar(tmp_path / "s.tar", {**_sample("k1", 1), **_sample("k2", 2)})
+    data = tar.read_bytes()
+    last = read_tar_samples(tar)["k2"]["download_url.txt"]
+    for cut in (last.offset + 3, last.offset - 512, last.offset + last.size):
+        tar.write_bytes(data[:cut])  # inside a member, at a header, after the last member
+        with pytest.raises(tarfile.ReadError, match="s.tar"):
+            read_tar_samples(tar)
+
+
+def test_ilias_items_use_official_ids_and_ground_truth_is_by_instance(tmp_path):
+    expected = make_ilias(tmp_path / "ilias")
+    hf = tmp_path / "ilias" / "hf"
+    queries = ilias.image_query_items([hf / "ilias-core-queries-img-000000.tar"])
+    positives = ilias.positive_items([hf / "ilias-core-db-000000.tar"])
+    texts = ilias.text_query_items(tmp_path / "ilias" / "server" / "ilias_core")
+    assert [i for i, _ in queries] == sorted(expected["queries"])
+    assert [i for i, _ in positives] == sorted(expected["positives"])
+    assert [i for i, _ in texts] == expected["texts"]
+    assert texts[0][1] == "a red bird on the branch"
+    ids = tmp_path / "ilias" / "server" / "image_ids"
+    ilias.check_against_official([i for i, _ in queries], ilias.read_id_list(ids / "image_query_ids.txt"), "q")
+    with pytest.raises(ValueError, match="missing e.g."):
+        ilias.check_against_official([i for i, _ in positives][1:],
+                                     ilias.read_id_list(ids / "positive_ids.txt"), "positives")
+    all_queries = [i for i, _ in queries] + [i for i, _ in texts]
+    truth = ilias.ground_truth(all_queries, [i for i, _ in positives])
+    for q in all_queries:  # brute force: positives whose first path component matches
+        assert truth[q] == sorted(p for p in expected["positives"] if p.split("/")[0] == q.split("/")[0])
+    with pytest.raises(ValueError, match="no positive"):
+        ilias.ground_truth(["zzz_999/query/Q999_00.jpg"], expected["positives"])
+    shard = tmp_path / "ilias" / "hf" / "mini_ilias_yfcc100m-000001.tar"
+    assert [i for i, _ in ilias.distractor_items(shard)] == [m for m in expected["mini"]
+                                                             if m.startswith(shard.name)]
+
+
+def test_ilias_text_queries_from_a_tar(tmp_path):
+    tar = write_tar(tmp_path / "ilias_core.tar", {
+        "ilias_core/bold_bimp_000/query/T000.txt": b"a red bird\n",
+        "ilias_core/bold_bimp_000/query/Q000_00.jpg": jpeg_bytes(1),
+        "ilias_core/bold_bimp_000/pos/P000_00.jpg": jpeg_bytes(2)})
+    assert ilias.text_query_items(tar) == [("bold_bimp_000/query/T000.txt", "a red bird")]
+
+
+def test_inquire_queries_annotations_and_pool(tmp_path):
+    made = make_inquire(tmp_path / "inquire")
+    queries = inquire.read_queries(tmp_path / "inquire" / "inquire_queries_test.csv")
+    assert queries == INQUIRE_QUERIES
+    truth = inquire.read_annotations(tmp_path / "inquire" / "inquire_annotations.csv", ["3", "4"])
+    assert truth == {q: sorted(p) for q, p in made["truth"].items()}
+    with pytest.raises(ValueError, match="no annotation"):
+        inquire.read_annotations(tmp_path / "inquire" / "inquire_annotations.csv", ["3", "99"])
+    pool = inquire.pool_items(tmp_path / "inquire" / "inat24")
+    assert [i for i, _ in pool] == sorted(made["pool"])
+    assert inquire.pool_id("train/a/b") == "train/a/b.jpg" == inquire.pool_id("train/a/b.jpg")
+
+
+def test_clip_retrieval_folder_becomes_an_embedding_set(tmp_path):
+    made = make_inquire(tmp_path / "inquire")
+    rows = inquire.convert_clip_retrieval(made["precomputed"], tmp_path / "set")
+    got = load_embedding_set(tmp_path / "set")
+    assert rows == len(made["pool"]) and got.ids == made["pool"]
+    reference = made["vectors"] / np.linalg.norm(made["vectors"], axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(got.embeddings, np.float32), reference, atol=2e-3)
+    import pandas as pd
+    pd.DataFrame({"image_path": ["x"]}).to_parquet(Path(made["precomputed"]) / "metadata" / "metadata_1.parquet")
+    with pytest.raises(ValueError, match="img_emb_1.npy has"):
+        inquire.convert_clip_retrieval(made["precomputed"], tmp_path / "set2")
+
+
+def test_rerank_parquet_candidates_relevance_and_images(tmp_path):
+    expected = make_rerank(tmp_path / "test-00000-of-00001.parquet")
+    split = inquire.read_rerank([tmp_path / "test-00000-of-00001.parquet"])
+    assert split.queries == RERANK_QUERIES
+    for q, (cands, rel) in expected.items():
+        assert split.candidates[q] == cands and split.relevant[q] == rel
+    assert len(split.images) == len(set(split.images)) == 9  # one image shared by both queries
+    items = inquire.extract_rerank_images([tmp_path / "test-00000-of-00001.parquet"], tmp_path / "img")
+    assert [i for i, _ in items] == split.images
+    assert Path(items[0][1]).read_bytes() == jpeg_bytes(int(items[0][0]))
+
+
+def test_rerank_candidates_ranks_only_the_fixed_list(tmp_path):
+    """Identity re-ranking of fixed candidates against a brute-force loop of the AP definition."""
+    from baselines import get_method
+    from quari.store import EmbeddingSet
+    rng = np.random.default_rng(1)
+    gallery_ids = [str(i) for i in range(30)]
+    gallery = EmbeddingSet(rng.standard_normal((30, 8)).astype(np.float32), gallery_ids)
+    gallery.embeddings /= np.linalg.norm(gallery.embeddings, axis=1, keepdims=True)
+    queries = EmbeddingSet(gallery.embeddings[[0, 5, 9]] + 0.1, ["qa", "qb", "qc"])
+    candidates = {q: [str(i) for i in rng.choice(30, 10, replace=False)] for q in queries.ids}
+    relevant = {q: c[::3] for q, c in candidates.items()}
+    method = get_method("identity")(device="cpu")
+    result = inquire.rerank_candidates(method, queries, gallery, candidates, relevant)
+    aps = []
+    for n, q in enumerate(queries.ids):
+        rows = [int(c) for c in candidates[q]]
+        scores = gallery.embeddings[rows] @ queries.embeddings[n]
+        ranked = [candidates[q][j] for j in np.argsort(-scores, kind="stable")]
+        hits, precisions = 0, []
+        for rank, c in enumerate(ranked, 1):
+            if c in relevant[q]:
+                hits += 1
+                precisions.append(hits / rank)
+        aps.append(sum(precisions) / len(relevant[q]))
+    assert result["metrics"]["mAP@50"] == pytest.approx(np.mean(aps))
+    assert result["shortlist"] == 10 and result["num_queries"] == 3
+
+
+def test_training_collections_readers(tmp_path):
+    sizes = make_collections(tmp_path)
+    coco = collections.coco_pairs(tmp_path / "coco/annotations/captions_train2017.json",
+                                  tmp_path / "coco/train2017", max_images=5)
+    assert [i for i, _ in coco.images] == [f"coco/{n + 1:012d}.jpg" for n in range(5)]
+    assert len(coco.captions) == 10 and all(coco.images[r][0].endswith(f"{int(c.split('/')[1]) // 2 - 49:012d}.jpg")
+                                            for c, _, r in coco.captions)
+    cc = collections.webdataset_pairs([tmp_path / "cc12m/cc12m-train-0000.tar"], max_images=4)
+    assert len(cc.images) == 4 and cc.captions[2] == (f"{cc.images[2][0]}#0", "the bird bird", 2)
+    uned = collections.uned_pairs(tmp_path / "uned/uned_paths_1M.txt", tmp_path / "uned/images")
+    assert len(uned.images) == sizes["uned"] and not uned.captions
+    assert uned.labels[0] == "uned/0/0" and uned.labels[7] == "uned/1/1"  # (class, domain) pairs
+    import pandas as pd
+    pd.DataFrame({"image_path": ["a.jpg", "b.jpg"], "caption": ["x", "y"],
+                  "species": ["s1", None]}).to_csv(tmp_path / "t.csv", index=False)
+    table = collections.table_pairs(tmp_path / "t.csv", tmp_path, "image_path", "caption", "species")
+    assert table.labels == ["biotrove/s1", None] and table.captions[1] == ("biotrove/b.jpg#0", "y", 1)
+    with pytest.raises(ValueError, match="missing column"):
+        collections.table_pairs(tmp_path / "t.csv", tmp_path, "path", "caption")
+    merged = collections.merge({"coco": coco, "cc12m": cc})
+    assert merged.captions[-1][2] == len(coco.images) + 3
+    train, valid = collections.split_valid(merged, 0.3)
+    assert len(train.images) + len(valid.images) == len(merged.images)
+    assert len(train.captions) + len(valid.captions) == len(merged.captions)
+    for part in (train, valid):  # every caption still points at its own image
+        for cid, text, row in part.captions:
+            original = next(r for c, _, r in merged.captions if c == cid)
+            assert part.images[row][0] == merged.images[original][0]
+    again = collections.split_valid(merged, 0.3)[1]
+    assert [i for i, _ in again.images] == [i for i, _ in valid.images]
