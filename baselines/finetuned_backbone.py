@@ -111,7 +111,7 @@ def train_projection(config: TrainConfig, train_data: TrainingData,
         epoch, position = divmod(step - 1, per_epoch)
         if epoch != order_epoch:
             order = training._epoch_order(config.seed, epoch, len(train_data), clusters,
-                                          config.batch_size)
+                                          config.batch_size, config.cluster_batch_fraction)
             order_epoch = epoch
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0

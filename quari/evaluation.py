@@ -169,12 +169,15 @@ def evaluate_rerank(method: RetrievalMethod, task: RetrievalTask, benchmark: str
     result = {"seconds": seconds, "ms_per_1k_pairs": 1e6 * seconds / pairs,
               "ms_per_100_pairs": 1e5 * seconds / pairs, "shortlist": reranked.shape[1],
               "num_queries": n_q}
+    gallery_ids = np.asarray(task.gallery.ids, dtype=object)
+    rel = [metrics.relevance_of(list(gallery_ids[row]), task.positives[q])
+           for row, q in zip(reranked, task.queries.ids)]
+    # what the best possible re-ranking of these shortlists scores (quari.tables)
+    result["relevant_in_shortlist"] = [int(sum(r)) for r in rel]
+    result["num_positives"] = [len(task.positives[q]) for q in task.queries.ids]
     if benchmark == "ilias":
         result["metrics"] = score_ranking(task, reranked, "ilias", k)
     else:
-        gallery_ids = np.asarray(task.gallery.ids, dtype=object)
-        rel = [metrics.relevance_of(list(gallery_ids[row]), task.positives[q])
-               for row, q in zip(reranked, task.queries.ids)]
         m = metrics.inquire_rerank_metrics(rel)
         result["metrics"] = {"mAP@50": m["mAP"], "nDCG@50": m["nDCG"], "MRR": m["MRR"]}
     return result

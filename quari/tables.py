@@ -188,7 +188,7 @@ def evaluation_rows(evaluations: Iterable[dict]) -> pd.DataFrame:
                 found = [(measured, res["metrics"])]
                 if (mode == "rerank" and ev["method_type"] == "identity"
                         and "relevant_in_shortlist" in res):
-                    k = _cutoff(next(iter(res["metrics"])))
+                    k = _cutoff(next(m for m in res["metrics"] if "@" in m))
                     ideal = best_possible_metrics(res["relevant_in_shortlist"],
                                                   res["num_positives"], res["shortlist"],
                                                   ev["benchmark"], k)

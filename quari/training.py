@@ -75,6 +75,8 @@ class TrainConfig:
     # instance when the collection is labelled) are positives of each other, not masked out
     hard_negative_clusters: int = 0  # >0: k-means the target images into this many clusters and
     # draw each micro-batch from one cluster (harder in-batch negatives); 0 = uniform batches
+    cluster_batch_fraction: float = 1.0  # with clusters: share of each micro-batch drawn from one
+    # cluster; the rest are uniformly drawn pairs, so the per-query map also meets far negatives
     amp: bool = True  # mixed precision on CUDA (released: fp16 "16-mixed"); never on CPU
     amp_dtype: str = "float16"  # "float16" (with loss scaling, as released) or "bfloat16"
     eval_every: int = 500  # optimizer steps between validation losses (released: 500 batches)
@@ -98,6 +100,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.max_steps must be at least 1, got {self.max_steps}")
         if self.hard_negative_clusters < 0:
             raise ValueError("TrainConfig.hard_negative_clusters must be >= 0")
+        if not 0 <= self.cluster_batch_fraction <= 1:
+            raise ValueError(f"TrainConfig.cluster_batch_fraction must be in [0, 1], "
+                             f"got {self.cluster_batch_fraction}")
         if self.early_stopping_patience < 0 or self.grad_clip < 0 or self.noise_scale < 0:
             raise ValueError("early_stopping_patience, grad_clip and noise_scale must be >= 0")
         if not 0 < self.warmup_fraction < 1:
@@ -295,17 +300,27 @@ def _derived_seed(seed: int, purpose: str) -> int:
 
 
 def _epoch_order(seed: int, epoch: int, size: int, clusters: torch.Tensor | None = None,
-                 batch_size: int = 1) -> torch.Tensor:
-    """An epoch's order of the pairs: a seeded permutation, or, with ``clusters`` [size], pairs
-    grouped by cluster (shuffled inside each) cut into batches whose order is shuffled, so that
-    most micro-batches hold one cluster."""
+                 batch_size: int = 1, cluster_fraction: float = 1.0) -> torch.Tensor:
+    """An epoch's order of the pairs: a seeded permutation, or, with ``clusters`` [size],
+    micro-batches of ``batch_size`` whose first ``round(cluster_fraction * batch_size)`` pairs come
+    from one cluster (pairs grouped by cluster, shuffled inside each, batches in shuffled order)
+    and whose remaining pairs are uniformly drawn. Every pair appears once per epoch."""
     generator = torch.Generator().manual_seed(_derived_seed(seed, f"epoch{epoch}"))
     order = torch.randperm(size, generator=generator)
     if clusters is None:
         return order
-    order = order[torch.sort(clusters[order], stable=True).indices]
-    batches = list(torch.split(order, batch_size))
-    return torch.cat([batches[i] for i in torch.randperm(len(batches), generator=generator)])
+    per_batch = max(1, round(cluster_fraction * batch_size))
+    batches_per_epoch = max(1, size // batch_size)
+    grouped = order[:per_batch * batches_per_epoch] if per_batch < batch_size else order
+    uniform = order[len(grouped):]
+    grouped = grouped[torch.sort(clusters[grouped], stable=True).indices]
+    chunks = list(torch.split(grouped, per_batch))
+    chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=generator)]
+    if per_batch >= batch_size:
+        return torch.cat(chunks)
+    fill = batch_size - per_batch
+    mixed = [torch.cat([chunk, uniform[i * fill:(i + 1) * fill]]) for i, chunk in enumerate(chunks)]
+    return torch.cat(mixed + [uniform[len(chunks) * fill:]])
 
 
 def cluster_pairs(data: TrainingData, clusters: int, seed: int) -> torch.Tensor:
@@ -387,6 +402,8 @@ def validation_loss(model: QuARI, data: TrainingData, config: TrainConfig,
     not all captions of a few images), the last one possibly smaller; the mean weighs each
     batch by its size. Semi-positives count when ``use_semipositives``.
     """
+    if len(data) == 0:
+        raise ValueError("the validation set holds no training pairs")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -511,7 +528,7 @@ def train(config: TrainConfig, model_config: QuARIConfig, train_data: TrainingDa
             epoch, position = divmod(state.step, per_epoch)
             if epoch != order_epoch:
                 order = _epoch_order(config.seed, epoch, len(train_data), clusters,
-                                     config.batch_size)
+                                     config.batch_size, config.cluster_batch_fraction)
                 order_epoch = epoch
             optimizer.zero_grad(set_to_none=True)
             loss_sum = 0.0

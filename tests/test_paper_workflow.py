@@ -80,7 +80,7 @@ def test_paper_config_schedules_the_whole_matrix(tmp_path):
     assert len(required_evaluations()) == 7 * 2 * 2 + 7 * 2 + 4 * 2
     config = yaml.safe_load((ROOT / "workflow/config/paper.yaml").read_text())
     figure_backbone = config["figures"]["cost_accuracy"]["backbone"]
-    matrix = {f"results/eval/{b}/{bb}/{m}.json" for block in config["real"]["evaluations"]
+    matrix = {f"results/eval/{b}/{bb}/{m}.json" for block in config["evaluations"]
               for b in block["benchmarks"] for bb in block["backbones"] for m in block["methods"]}
     # beyond the matrix, only what Figure 4 asks of its one backbone is evaluated
     assert all(e in matrix or f"/{figure_backbone}/" in e for e in evaluations)
@@ -146,15 +146,15 @@ def tiny_real_config(data_root: Path, models: Path, precomputed: str) -> dict:
             "training_sets": {"captions": ["coco", "cc12m"], "uned": ["uned"]},
             "default_training_set": "captions",
             "valid_fraction": 0.35,  # coco: 4 images, UnED: one (class, domain) pair held out
-            "evaluations": [
-                {"benchmarks": ["ilias", "ilias_mini", "inquire"], "backbones": both,
-                 "methods": ["identity", "quari"]},
-                {"benchmarks": ["ilias"], "backbones": ["tiny-siglip"],
-                 "methods": ["linear_adaptation", "quari_uned"]},
-                {"benchmarks": ["inquire_rerank"], "backbones": ["tiny-siglip"],
-                 "methods": ["identity", "quari"]},
-            ],
         },
+        "evaluations": [
+            {"benchmarks": ["ilias", "ilias_mini", "inquire"], "backbones": both,
+             "methods": ["identity", "quari"]},
+            {"benchmarks": ["ilias"], "backbones": ["tiny-siglip"],
+             "methods": ["linear_adaptation", "quari_uned"]},
+            {"benchmarks": ["inquire_rerank"], "backbones": ["tiny-siglip"],
+             "methods": ["identity", "quari"]},
+        ],
         "backbones": both,
         "evaluation": {"ilias": {"k": 10, "rerank_shortlist": 8}, "inquire": {"k": 5}},
         "mining": {"k": 3},
@@ -184,7 +184,7 @@ def test_real_data_dag_end_to_end_on_generated_official_files(tmp_path):
     config.write_text(yaml.safe_dump(tiny_real_config(data, models, inquire["precomputed"])))
     work = tmp_path / "work"
     cfg = yaml.safe_load(config.read_text())
-    evaluations = [f"results/eval/{b}/{bb}/{m}.json" for block in cfg["real"]["evaluations"]
+    evaluations = [f"results/eval/{b}/{bb}/{m}.json" for block in cfg["evaluations"]
                    for b in block["benchmarks"] for bb in block["backbones"] for m in block["methods"]]
     # targets: every evaluation and Figure 3; the tables are built below from the same JSONs.
     # (results/table1.csv also waits for Figure 4, whose script still expects a re-ranking entry

@@ -303,3 +303,24 @@ def test_cuda_mixed_precision_runs():
         result = train(tiny_train(device="cuda", amp=True, amp_dtype=dtype, use_noise=True),
                        tiny_model(), toy_data(0), toy_data(1), progress=False)
         assert all(math.isfinite(r["train_loss"]) for r in result.history)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.25])
+def test_epoch_order_mixes_cluster_and_uniform_pairs(fraction):
+    """Every pair once per epoch; each batch's first round(f * B) pairs share a cluster (up to
+    the cluster boundaries of the grouped part), the rest are drawn from every cluster."""
+    from quari.training import _epoch_order
+
+    size, batch, n_clusters = 960, 32, 4
+    clusters = torch.arange(size) % n_clusters  # 240 pairs per cluster
+    order = _epoch_order(3, 0, size, clusters, batch, fraction)
+    assert sorted(order.tolist()) == list(range(size))
+    head = max(1, round(fraction * batch))
+    batches = order[:(size // batch) * batch].view(-1, batch)
+    single = sum(len(set(clusters[b[:head]].tolist())) == 1 for b in batches)
+    # at most one batch per cluster boundary of the grouped part straddles two clusters
+    assert single >= len(batches) - (n_clusters - 1)
+    if fraction < 1:
+        tails = clusters[batches[:, head:]]
+        assert len(set(tails.flatten().tolist())) == n_clusters
+        assert (tails != clusters[batches[:, :1]]).any(dim=1).float().mean() > 0.5

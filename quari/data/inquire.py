@@ -248,4 +248,8 @@ def rerank_candidates(method, queries, gallery, candidates: dict[str, list[str]]
     return {"metrics": {"mAP@50": m["mAP"], "nDCG@50": m["nDCG"], "MRR": m["MRR"]},
             "seconds": seconds, "ms_per_1k_pairs": 1e6 * seconds / pairs,
             "ms_per_100_pairs": 1e5 * seconds / pairs, "shortlist": max(by_length),
-            "num_queries": len(queries), "gallery_size": len(gallery)}
+            "num_queries": len(queries), "gallery_size": len(gallery),
+            "shortlist_source": "benchmark",
+            # what the best possible ordering of these lists scores (quari.tables)
+            "relevant_in_shortlist": [int(sum(r)) for r in relevance],
+            "num_positives": [int(sum(r)) for r in relevance]}

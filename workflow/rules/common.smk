@@ -43,6 +43,15 @@ def _check_config_early():
         raise WorkflowError(f"quari: {err}") from None
     if config["data"] == "real":
         _check_real_config()
+        if "evaluations" not in config:
+            raise WorkflowError("data: real needs `evaluations` (which benchmark x backbone x "
+                                "method to run; see workflow/config/paper.yaml)")
+    for n, block in enumerate(config.get("evaluations", [])):
+        for key, known in (("benchmarks", BENCHMARKS), ("backbones", BACKBONES),
+                           ("methods", list(METHODS))):
+            unknown = [x for x in block[key] if x not in known]
+            if unknown:
+                raise WorkflowError(f"evaluations[{n}].{key}: {unknown} not among {known}")
     if config["data"] == "synthetic":
         from quari.synthetic import WorldConfig
 
@@ -87,6 +96,10 @@ def training_set_of(method):
     return METHODS[method].get("training_set", config["real"]["default_training_set"])
 
 
+# methods trained on QuARI's training pairs (its `quari.train` recipe, semi-positives included)
+QUARI_DATA_METHODS = ("quari", "finetuned_backbone")
+
+
 def get_train_inputs(wildcards):
     """What training a method needs: the collection, and semi-positives for QuARI."""
     trainset = training_set_of(wildcards.method)
@@ -94,7 +107,7 @@ def get_train_inputs(wildcards):
         "train": f"results/embeddings/{trainset}/{wildcards.backbone}/train",
         "valid": f"results/embeddings/{trainset}/{wildcards.backbone}/valid",
     }
-    if method_type(wildcards.method) == "quari":
+    if method_type(wildcards.method) in QUARI_DATA_METHODS:
         inputs["semipositives"] = f"results/mining/{trainset}/{wildcards.backbone}/semipositives.npz"
     if method_type(wildcards.method) == "oracle":
         inputs["oracle"] = f"results/embeddings/{trainset}/{wildcards.backbone}/oracle.npz"
@@ -121,12 +134,12 @@ def get_eval_inputs(wildcards):
 
 
 def evaluation_matrix():
-    """(benchmark, backbone, method) triples to evaluate: every combination on synthetic data;
-    on real data the union of the `real.evaluations` blocks (the paper's sparse matrix)."""
-    if config["data"] == "synthetic":
+    """(benchmark, backbone, method) triples to evaluate: the union of the `evaluations` blocks
+    (the paper's sparse matrix on real data); on synthetic data without them, every combination."""
+    if "evaluations" not in config:
         return [(b, bb, m) for b in BENCHMARKS for bb in BACKBONES for m in METHODS]
     triples = []
-    for block in config["real"]["evaluations"]:
+    for block in config["evaluations"]:
         for b in block["benchmarks"]:
             for bb in block["backbones"]:
                 for m in block["methods"]:
@@ -172,12 +185,7 @@ def _check_real_config():
         if trainset not in real["training_sets"]:
             raise WorkflowError(f"methods.{method}: training set {trainset!r} is not defined under "
                                 f"real.training_sets ({', '.join(real['training_sets'])})")
-    for n, block in enumerate(real["evaluations"]):
-        for key, known in (("benchmarks", BENCHMARKS), ("backbones", BACKBONES),
-                           ("methods", list(METHODS))):
-            unknown = [x for x in block[key] if x not in known]
-            if unknown:
-                raise WorkflowError(f"real.evaluations[{n}].{key}: {unknown} not among {known}")
+
 
 
 def figure_backbone(name):

@@ -27,9 +27,7 @@ rule figure_tsne:
 
 rule figure_cost_accuracy:
     input:
-        evaluations=expand("results/eval/{benchmark}/{backbone}/{method}.json",
-                           benchmark=BENCHMARKS, backbone=figure_backbone("cost_accuracy"),
-                           method=list(METHODS)),
+        evaluations=figure_evaluations(figure_backbone("cost_accuracy")),
         paper=PAPER_NUMBERS,
     output:
         png="figures/fig4_cost_accuracy.png",
@@ -38,6 +36,7 @@ rule figure_cost_accuracy:
         "results/logs/figures/fig4_cost_accuracy.log",
     params:
         data=config["data"],
+        backbone=figure_backbone("cost_accuracy"),
     conda:
         "../../environment.yml"
     script:

@@ -2,34 +2,18 @@
 
 import pandas as pd
 
-from quari.figures import paper_figure4_points, plot_cost_accuracy
+from quari.figures import (cost_accuracy_caption, measured_cost_accuracy, paper_figure4_points,
+                           plot_cost_accuracy)
+from quari.report import hardware_of
 from quari.runlog import log_to
 from quari.tables import load_evaluations
 
 
-def average_precision(result):
-    """The mAP@k entry of a result's metrics, whatever its k."""
-    return next(v for k, v in result["metrics"].items() if k.startswith("mAP@"))
-
-
 def main(smk):
-    rows, hardware, backbone = [], set(), None
-    for ev in load_evaluations(smk.input.evaluations):
-        backbone = ev["backbone"]
-        hardware.add(ev.get("hardware", ev["device"]))
-        if ev["benchmark"] == "ilias" and "i2i" in ev["tasks"]:
-            r = ev["tasks"]["i2i"]["rerank"]
-            rows.append({"panel": "ilias", "method": ev["method"], "ms": r["ms_per_1k_pairs"],
-                         "accuracy": 100 * average_precision(r)})
-        if ev["benchmark"] == "inquire":
-            r = ev["tasks"]["t2i"]["rerank"]
-            rows.append({"panel": "inquire", "method": ev["method"], "ms": r["ms_per_100_pairs"],
-                         "accuracy": 100 * average_precision(r)})
-    measured = pd.DataFrame(rows)
-    kind = "synthetic world" if smk.params.data == "synthetic" else "real data"
-    caption = (f"Measured on {', '.join(sorted(hardware))}; {kind}, backbone {backbone}; "
-               f"time of the method's re-ranking only, shortlist given. Grey: the paper's points (H100).")
-    fig = plot_cost_accuracy(measured, paper_figure4_points(pd.read_csv(smk.input.paper)), caption)
+    evaluations = load_evaluations(smk.input.evaluations)
+    caption = cost_accuracy_caption(hardware_of(evaluations), smk.params.data, smk.params.backbone)
+    fig = plot_cost_accuracy(measured_cost_accuracy(evaluations),
+                             paper_figure4_points(pd.read_csv(smk.input.paper)), caption)
     for out in (smk.output.png, smk.output.pdf):
         fig.savefig(out, dpi=150)
 

@@ -21,6 +21,9 @@ def main(smk):
     params = dict(p.method_params)
     if p.method_type == "quari":  # the quari section is the base; a method entry overrides it
         params = deep_merge(p.quari, params)
+    if p.method_type == "finetuned_backbone":  # QuARI's training recipe and data, no hypernetwork
+        base = {"train": p.quari["train"], "image_query_fraction": p.quari["image_query_fraction"]}
+        params = deep_merge(base, params)
     device = None if p.device == "auto" else p.device
     method = cls(**params, device=device)
     context = {}
