@@ -59,6 +59,10 @@ ABLATIONS = {
     "quari": "QuARI, full recipe",
 }
 
+#: method types the paper reports only as re-rankers (Table 3): their full-gallery search, when
+#: they have one, is not a row of the search tables
+RERANKING_METHOD_TYPES = frozenset({"alpha_qe", "chamfer", "spatial_verification", "vlm_reranker"})
+
 #: Table 1b's rows (static linear adaptation and QuARI trained on its UnED images)
 TABLE_1B_METHODS = ("linear_adaptation", "quari_uned")
 
@@ -166,6 +170,8 @@ def evaluation_rows(evaluations: Iterable[dict]) -> pd.DataFrame:
         renamed = PAPER_METHOD.get(ev["method_type"])
         for task, modes in ev["tasks"].items():
             for mode, res in modes.items():
+                if mode == "search" and ev["method_type"] in RERANKING_METHOD_TYPES:
+                    continue
                 if mode == "search":
                     setting = f"{task}@{size_label(res['gallery_size'])}"
                 elif ev["benchmark"] == "ilias":

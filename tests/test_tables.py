@@ -249,3 +249,10 @@ def test_old_entry_points_still_work():
         reported = paper_only_rows(PAPER, parts, build_table(rows, PAPER, name))
         assert len(reported) == PAPER["table"].isin(parts).sum()
     assert "Table 1a" in to_markdown(build_table(rows, PAPER, "1"), "Table 1")
+
+
+def test_reranking_methods_appear_only_in_the_reranking_table():
+    rows = evaluation_rows([evaluation("alpha_qe2", "alpha_qe", "syn-b256", data="synthetic"),
+                            evaluation("quari", "quari", "syn-b256", data="synthetic")])
+    assert set(rows.loc[rows["mode"] == "search", "method"]) == {"quari"}
+    assert set(rows.loc[rows["mode"] == "rerank", "method"]) == {"alpha_qe2", "quari"}
