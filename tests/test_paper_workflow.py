@@ -85,6 +85,10 @@ def test_paper_config_schedules_the_whole_matrix(tmp_path):
     # beyond the matrix, only what Figure 4 asks of its one backbone is evaluated
     assert all(e in matrix or f"/{figure_backbone}/" in e for e in evaluations)
     assert "results/eval/inquire_rerank/siglip2-vit-l16@512/quari.json" in evaluations
+    # Table 3a's global-feature re-rankers and Table 4's fine-tuned backbone
+    assert {f"results/eval/ilias/siglip-vit-l16@384/alpha_qe{n}.json" for n in (1, 2, 5)} <= evaluations
+    assert {f"results/eval/{b}/siglip2-vit-l16@512/finetuned_backbone.json"
+            for b in ("ilias", "ilias_mini", "inquire")} <= evaluations
     ilias_backbones = {e.split("/")[3] for e in evaluations if e.startswith("results/eval/ilias/")}
     inquire_backbones = {e.split("/")[3] for e in evaluations if "/inquire/" in e}
     counts = Counter({rule: len(out) for rule, out in jobs.items()})
