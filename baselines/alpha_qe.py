@@ -25,7 +25,7 @@ def _gather(gallery, indices: np.ndarray, device: torch.device) -> torch.Tensor:
     if isinstance(gallery, torch.Tensor):
         rows = gallery[torch.from_numpy(indices)]
     else:  # one fancy-indexing gather (works on memory-mapped arrays too)
-        rows = np.asarray(gallery)[indices]
+        rows = gallery[indices]
     return F.normalize(as_tensor(rows, device), dim=-1)
 
 

@@ -112,7 +112,7 @@ class RetrievalMethod(ABC):
         if isinstance(gallery, torch.Tensor):
             candidates = as_tensor(gallery[torch.from_numpy(shortlist)], self.device)
         else:  # one fancy-indexing gather [B, K, E] (works on memory-mapped arrays too)
-            candidates = as_tensor(np.asarray(gallery)[shortlist], self.device)
+            candidates = as_tensor(gallery[shortlist], self.device)
         with torch.no_grad():
             return self.score_candidates(self.prepare(q, query_ids), q, candidates, query_ids).cpu()
 

@@ -176,17 +176,78 @@ def iter_shards(directory: str | os.PathLike) -> Iterator[EmbeddingSet]:
         yield EmbeddingSet(emb, ids)
 
 
+class ShardedRows:
+    """The rows of several memory-mapped shards seen as one [N, E] array, never concatenated.
+
+    A 100M x 1024 fp16 gallery is 205 GB: concatenating its shards would need that much memory.
+    This view reads only what is asked: ``rows[a:b]`` (a contiguous chunk, what the streaming
+    searches read), ``rows[i]`` and ``rows[indices]`` for integer arrays of any shape (shortlist
+    gathers). ``np.asarray(rows)`` materialises everything, for small sets only.
+    """
+
+    def __init__(self, shards: Sequence[np.ndarray]):
+        if not shards:
+            raise ValueError("ShardedRows needs at least one shard")
+        dims = {s.shape[1] for s in shards}
+        if len(dims) != 1:
+            raise ValueError(f"shards of different widths: {sorted(dims)}")
+        self.shards = list(shards)
+        self.starts = np.cumsum([0] + [len(s) for s in shards])
+        self.shape = (int(self.starts[-1]), dims.pop())
+        self.dtype = shards[0].dtype
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.concatenate(self.shards)
+        return out if dtype is None else out.astype(dtype)
+
+    def _take(self, flat: np.ndarray) -> np.ndarray:
+        n = self.shape[0]
+        if flat.size and (flat.min() < -n or flat.max() >= n):
+            raise IndexError(f"row index out of range for {n} rows")
+        flat = np.where(flat < 0, flat + n, flat)
+        out = np.empty((len(flat), self.shape[1]), dtype=self.dtype)
+        shard_of = np.searchsorted(self.starts, flat, side="right") - 1
+        for k in np.unique(shard_of):
+            sel = np.flatnonzero(shard_of == k)
+            out[sel] = self.shards[k][flat[sel] - self.starts[k]]
+        return out
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self.shape[0])
+            if step != 1:
+                return self._take(np.arange(start, stop, step))
+            parts = []
+            for k, shard in enumerate(self.shards):
+                lo, hi = max(start, self.starts[k]), min(stop, self.starts[k + 1])
+                if lo < hi:
+                    parts.append(shard[lo - self.starts[k]:hi - self.starts[k]])
+            return np.concatenate(parts) if parts else np.empty((0, self.shape[1]), self.dtype)
+        if isinstance(index, (int, np.integer)):
+            return self._take(np.array([index]))[0]
+        index = np.asarray(index)
+        if index.dtype == bool or not np.issubdtype(index.dtype, np.integer):
+            raise TypeError("ShardedRows takes slices and integer row indices")
+        return self._take(index.reshape(-1)).reshape(*index.shape, self.shape[1])
+
+
 def load_embedding_set(directory: str | os.PathLike, mmap: bool = True) -> EmbeddingSet:
-    """Load a complete embedding set; a single shard stays memory-mapped, several are concatenated."""
+    """Load a complete embedding set. Memory-mapped by default: one shard is its memmap, several
+    are a :class:`ShardedRows` view (nothing is concatenated). ``mmap=False`` reads it all."""
     shards = list(iter_shards(directory))
     manifest = _read_manifest(Path(directory))
     if not shards:
         return EmbeddingSet(np.zeros((0, manifest["dim"]), dtype=np.float16), [])
+    ids = [i for s in shards for i in s.ids]
+    if not mmap:
+        return EmbeddingSet(np.concatenate([s.embeddings for s in shards]), ids)
     if len(shards) == 1:
-        emb = shards[0].embeddings if mmap else np.array(shards[0].embeddings)
-        return EmbeddingSet(emb, shards[0].ids)
-    return EmbeddingSet(np.concatenate([s.embeddings for s in shards]),
-                        [i for s in shards for i in s.ids])
+        return EmbeddingSet(shards[0].embeddings, ids)
+    return EmbeddingSet(ShardedRows([s.embeddings for s in shards]), ids)
 
 
 def embedding_set_meta(directory: str | os.PathLike) -> dict:

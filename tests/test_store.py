@@ -53,3 +53,39 @@ def test_training_collection_and_positives_round_trip(tmp_path, rng):
     np.testing.assert_array_equal(again.image_labels, coll.image_labels)
     save_positives(tmp_path / "gt.json", {"q1": ["b", "a"], "q2": []})
     assert load_positives(tmp_path / "gt.json") == {"q1": {"a", "b"}, "q2": set()}
+
+
+def test_a_sharded_set_loads_as_a_view_that_reads_like_the_concatenation(tmp_path, rng):
+    """Several shards are never concatenated on load; slices, rows and gathers of the view equal
+    those of the concatenated array, and a streaming search and a re-ranking over it agree."""
+    import torch
+
+    from baselines import get_method
+    from quari.scoring import cosine_topk
+    from quari.store import ShardedRows
+
+    x = rng.standard_normal((23, 6)).astype(np.float16)
+    writer = EmbeddingSetWriter(tmp_path / "set", dim=6)
+    for start in range(0, 23, 5):
+        writer.add_shard(x[start:start + 5], [f"r{i}" for i in range(start, min(start + 5, 23))])
+    writer.close()
+    loaded = load_embedding_set(tmp_path / "set")
+    rows = loaded.embeddings
+    assert isinstance(rows, ShardedRows) and rows.shape == (23, 6) and len(loaded.ids) == 23
+    for sl in (slice(0, 23), slice(3, 17), slice(4, 5), slice(20, 40), slice(7, 7), slice(1, 20, 3)):
+        np.testing.assert_array_equal(rows[sl], x[sl])
+    np.testing.assert_array_equal(rows[12], x[12])
+    np.testing.assert_array_equal(rows[-1], x[-1])
+    gather = rng.integers(0, 23, size=(4, 7))
+    np.testing.assert_array_equal(rows[gather], x[gather])
+    np.testing.assert_array_equal(np.asarray(rows), x)
+    with pytest.raises(IndexError):
+        rows[np.array([23])]
+    np.testing.assert_array_equal(load_embedding_set(tmp_path / "set", mmap=False).embeddings, x)
+
+    queries = torch.from_numpy(rng.standard_normal((3, 6)).astype(np.float32))
+    s_view, i_view = cosine_topk(queries, rows, k=8, chunk_rows=4)
+    s_full, i_full = cosine_topk(queries, x, k=8, chunk_rows=4)
+    assert torch.equal(i_view, i_full) and torch.allclose(s_view, s_full)
+    method = get_method("identity")(device="cpu")
+    assert torch.allclose(method.rerank(queries, rows, gather[:3]), method.rerank(queries, x, gather[:3]))
