@@ -87,4 +87,6 @@ def test_environment_yml_and_requirements_name_the_same_packages():
 
 def test_shipped_paper_config_is_valid():
     config = load_config(ROOT / "workflow/config/paper.yaml", SCHEMA)
-    assert config["data"] == "real" and len(config["backbones"]) == 7
+    # the seven backbones of Table 1a, plus SigLIP SO400M of Table 2
+    assert config["data"] == "real" and len(config["backbones"]) == 8
+    assert "siglip-so400m14@384" in config["backbones"]

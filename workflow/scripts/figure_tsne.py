@@ -25,8 +25,8 @@ def pick_query(queries, positives, rng, min_positives=3):
 def panel(title, method, queries, gallery, positives, distractors, rng):
     i = pick_query(queries, positives, rng)
     qid = queries.ids[i]
-    index = gallery.index_of()
-    pos_rows = [index[g] for g in sorted(positives[qid]) if g in index]
+    wanted = positives[qid]  # one scan, no id -> row table (a 100M-row gallery has 100M ids)
+    pos_rows = [r for r, g in enumerate(gallery.ids) if g in wanted]
     query = np.asarray(queries.embeddings[i], dtype=np.float32)
     pos = np.asarray(gallery.embeddings[pos_rows], dtype=np.float32)
     backbone = np.vstack([query[None], pos, distractors])
@@ -41,8 +41,15 @@ def panel(title, method, queries, gallery, positives, distractors, rng):
 
 
 def distractor_rows(gallery, exclude, n, rng):
-    candidates = np.array([r for r, g in enumerate(gallery.ids) if g not in exclude])
-    take = np.sort(rng.choice(candidates, size=min(n, len(candidates)), replace=False))
+    """n random gallery rows that are nobody's positive, drawn without scanning the gallery."""
+    order = rng.permutation(len(gallery)) if len(gallery) <= 4 * n else None
+    take, tried = {}, 0  # insertion-ordered set of rows
+    while len(take) < n and tried < len(gallery):
+        batch = (order[tried:tried + 2 * n] if order is not None
+                 else rng.choice(len(gallery), size=2 * n, replace=False))
+        tried += len(batch)
+        take.update((int(r), None) for r in batch if gallery.ids[r] not in exclude)
+    take = np.sort(np.array(list(take)[:n], dtype=np.int64))
     return np.asarray(gallery.embeddings[take], dtype=np.float32)
 
 
