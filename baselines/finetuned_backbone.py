@@ -62,7 +62,7 @@ def projection_loss(weight: torch.Tensor, batch: Batch, config: TrainConfig) -> 
 def projection_validation_loss(weight: torch.Tensor, data: TrainingData, config: TrainConfig
                                ) -> float:
     """Mean loss over ``data`` without noise, in the fixed batches QuARI's validation uses."""
-    generator = torch.Generator().manual_seed(training._derived_seed(config.seed, "valid"))
+    generator = torch.Generator().manual_seed(training.derived_seed(config.seed, "valid"))
     order = torch.randperm(len(data), generator=generator)
     total = 0.0
     for start in range(0, len(data), config.batch_size):
@@ -97,9 +97,9 @@ def train_projection(config: TrainConfig, train_data: TrainingData,
     lr_max, _ = config.learning_rates
     optimizer = torch.optim.AdamW([delta], lr=lr_max, weight_decay=config.weight_decay)
     steps = training.total_steps(config, len(train_data))
-    per_epoch = training._steps_per_epoch(config, len(train_data))
+    per_epoch = training.steps_per_epoch(config, len(train_data))
     scheduler = training.make_scheduler(optimizer, config, steps)
-    noise = torch.Generator().manual_seed(training._derived_seed(config.seed, "noise"))
+    noise = torch.Generator().manual_seed(training.derived_seed(config.seed, "noise"))
     clusters = (training.cluster_pairs(train_data, config.hard_negative_clusters, config.seed)
                 if config.hard_negative_clusters else None)
     history: list[dict] = []
@@ -110,7 +110,7 @@ def train_projection(config: TrainConfig, train_data: TrainingData,
     for step in range(1, steps + 1):
         epoch, position = divmod(step - 1, per_epoch)
         if epoch != order_epoch:
-            order = training._epoch_order(config.seed, epoch, len(train_data), clusters,
+            order = training.epoch_order(config.seed, epoch, len(train_data), clusters,
                                           config.batch_size, config.cluster_batch_fraction)
             order_epoch = epoch
         optimizer.zero_grad(set_to_none=True)

@@ -294,18 +294,18 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _derived_seed(seed: int, purpose: str) -> int:
+def derived_seed(seed: int, purpose: str) -> int:
     """A seed for one purpose (noise, an epoch's order) that differs from ``seed`` itself."""
     return zlib.crc32(f"{seed}:{purpose}".encode())
 
 
-def _epoch_order(seed: int, epoch: int, size: int, clusters: torch.Tensor | None = None,
+def epoch_order(seed: int, epoch: int, size: int, clusters: torch.Tensor | None = None,
                  batch_size: int = 1, cluster_fraction: float = 1.0) -> torch.Tensor:
     """An epoch's order of the pairs: a seeded permutation, or, with ``clusters`` [size],
     micro-batches of ``batch_size`` whose first ``round(cluster_fraction * batch_size)`` pairs come
     from one cluster (pairs grouped by cluster, shuffled inside each, batches in shuffled order)
     and whose remaining pairs are uniformly drawn. Every pair appears once per epoch."""
-    generator = torch.Generator().manual_seed(_derived_seed(seed, f"epoch{epoch}"))
+    generator = torch.Generator().manual_seed(derived_seed(seed, f"epoch{epoch}"))
     order = torch.randperm(size, generator=generator)
     if clusters is None:
         return order
@@ -343,10 +343,10 @@ def total_steps(config: TrainConfig, size: int) -> int:
     """Optimizer steps of a run over ``size`` training pairs."""
     if config.max_steps is not None:
         return config.max_steps
-    return config.epochs * _steps_per_epoch(config, size)
+    return config.epochs * steps_per_epoch(config, size)
 
 
-def _steps_per_epoch(config: TrainConfig, size: int) -> int:
+def steps_per_epoch(config: TrainConfig, size: int) -> int:
     steps = _micro_batches_per_epoch(size, config.batch_size) // config.grad_accum
     if steps < 1:
         raise ValueError(f"{size} pairs make fewer than grad_accum={config.grad_accum} "
@@ -407,7 +407,7 @@ def validation_loss(model: QuARI, data: TrainingData, config: TrainConfig,
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    generator = torch.Generator().manual_seed(_derived_seed(config.seed, "valid"))
+    generator = torch.Generator().manual_seed(derived_seed(config.seed, "valid"))
     order = torch.randperm(len(data), generator=generator)
     total = 0.0
     for start in range(0, len(data), config.batch_size):
@@ -468,12 +468,12 @@ def train(config: TrainConfig, model_config: QuARIConfig, train_data: TrainingDa
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr_max,
                                   weight_decay=config.weight_decay)
     steps = total_steps(config, len(train_data))
-    per_epoch = _steps_per_epoch(config, len(train_data))
+    per_epoch = steps_per_epoch(config, len(train_data))
     scheduler = make_scheduler(optimizer, config, steps)
     autocast = _autocast(config, device)
     scaler = torch.amp.GradScaler("cuda", enabled=(config.amp and device.type == "cuda"
                                                    and config.amp_dtype == "float16"))
-    noise = torch.Generator().manual_seed(_derived_seed(config.seed, "noise"))
+    noise = torch.Generator().manual_seed(derived_seed(config.seed, "noise"))
     state = _State()
 
     path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
@@ -527,7 +527,7 @@ def train(config: TrainConfig, model_config: QuARIConfig, train_data: TrainingDa
             step = state.step + 1
             epoch, position = divmod(state.step, per_epoch)
             if epoch != order_epoch:
-                order = _epoch_order(config.seed, epoch, len(train_data), clusters,
+                order = epoch_order(config.seed, epoch, len(train_data), clusters,
                                      config.batch_size, config.cluster_batch_fraction)
                 order_epoch = epoch
             optimizer.zero_grad(set_to_none=True)

@@ -309,11 +309,11 @@ def test_cuda_mixed_precision_runs():
 def test_epoch_order_mixes_cluster_and_uniform_pairs(fraction):
     """Every pair once per epoch; each batch's first round(f * B) pairs share a cluster (up to
     the cluster boundaries of the grouped part), the rest are drawn from every cluster."""
-    from quari.training import _epoch_order
+    from quari.training import epoch_order
 
     size, batch, n_clusters = 960, 32, 4
     clusters = torch.arange(size) % n_clusters  # 240 pairs per cluster
-    order = _epoch_order(3, 0, size, clusters, batch, fraction)
+    order = epoch_order(3, 0, size, clusters, batch, fraction)
     assert sorted(order.tolist()) == list(range(size))
     head = max(1, round(fraction * batch))
     batches = order[:(size // batch) * batch].view(-1, batch)
