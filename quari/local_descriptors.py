@@ -359,6 +359,27 @@ def extract_local_descriptors(extractor: DinoLocalExtractor,
     return load_local_descriptors(out_path)
 
 
+def shortlist_ids(queries, gallery, k: int, chunk_rows: int = 65536, batch_size: int = 64
+                  ) -> list[str]:
+    """Ids of the gallery images that are in some query's cosine top-``k``, sorted: the only
+    database images a local-feature re-ranker of that shortlist needs descriptors of.
+
+    ``queries`` and ``gallery`` are embedding sets (:func:`quari.store.load_embedding_set`). The
+    top-k is computed as :func:`quari.evaluation.evaluate_rerank` computes the shortlist it
+    re-ranks (same function, same query batches).
+    """
+    from quari.evaluation import cosine_shortlist
+    if k < 1:
+        raise ValueError("k must be positive")
+    rows: set[int] = set()
+    for start in tqdm(range(0, len(queries), batch_size), desc="shortlists", unit="batch",
+                      disable=None):
+        q = np.asarray(queries.embeddings[start:start + batch_size], dtype=np.float32)
+        _, top = cosine_shortlist(q, gallery.embeddings, k, chunk_rows)
+        rows.update(int(r) for r in np.unique(top))
+    return sorted(gallery.ids[r] for r in rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: extract DINOv2 local descriptors of an image list into one .npz file."""
     defaults = LocalDescriptorConfig()

@@ -3,11 +3,13 @@
 1. ``snakemake -n`` on ``workflow/config/paper.yaml`` schedules every (benchmark, backbone,
    method) that Tables 1a, 1b and 2 report (derived here from paper_numbers.csv, independently of
    the config), with the expected number of download, ground-truth, embedding, mining and
-   training jobs.
+   training jobs, and Table 3's re-rankers with their inputs (DINOv2 descriptors of the ILIAS
+   queries and of SigLIP-L's shortlisted images; INQUIRE-Rerank's images for the open VLMs).
 2. The whole real-data chain on small files in the official formats (ILIAS webdataset shards and
    core folder, INQUIRE CSVs, an INQUIRE-Rerank parquet, a clip-retrieval folder, COCO / CC12M /
-   UnED) with a tiny random CLIP and SigLIP loaded from local folders through the hub code path:
-   locate -> ground truth -> embed -> mine -> train -> evaluate -> tables and figures.
+   UnED) with a tiny random CLIP, SigLIP, DINOv2 and LLaVA loaded from local folders through the
+   hub code path: locate -> ground truth -> embed (and local descriptors, extracted images) ->
+   mine -> train -> evaluate -> tables and figures.
 """
 
 import json
@@ -18,6 +20,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -26,6 +29,8 @@ import yaml
 from quari.store import load_embedding_set, load_positives
 from tests.test_backbones import TOWER, WORDS, _save_word_tokenizer, save_tiny_siglip
 from tests.test_data_formats import make_collections, make_ilias, make_inquire, make_rerank
+from tests.test_local_descriptors import tiny_dinov2
+from tests.test_vlm_reranker import build_tiny_llava
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
@@ -68,6 +73,28 @@ def required_evaluations() -> set[str]:
     return needed
 
 
+def table_3b_open_vlms() -> set[str]:
+    """Table 3b's VLM rows of paper_numbers.csv that an open model runs (not VILA, not GPT)."""
+    from quari.vlm import list_vlms
+    paper = pd.read_csv(PAPER)
+    rows = set(paper[paper["table"] == "3b"]["method"])
+    return {m for m in rows if m in list_vlms()}
+
+
+def table_3_reranker_evaluations() -> set[str]:
+    """Evaluation files of Table 3a's local-feature rows and Table 3b's open-VLM rows."""
+    paper = pd.read_csv(PAPER)
+    local = set(paper[paper["table"] == "3a"]["method"]) & {"chamfer", "spatial_verification"}
+    return ({f"results/eval/ilias/siglip-vit-l16@384/{m}.json" for m in local}
+            | {f"results/eval/inquire_rerank/siglip2-vit-l16@512/{m}.json"
+               for m in table_3b_open_vlms()})
+
+
+def test_table_3_rerankers_are_all_open_rows_of_the_paper():
+    # 2 local-feature rows of 3a; BLIP-2, InstructBLIP, PaliGemma and three LLaVAs of 3b
+    assert len(table_3_reranker_evaluations()) == 2 + 6
+
+
 def test_paper_config_schedules_the_whole_matrix(tmp_path):
     run = snakemake(tmp_path, "-n", "results/table1.csv", "--configfile",
                     str(ROOT / "workflow/config/paper.yaml"), "--replace-workflow-config")
@@ -106,6 +133,23 @@ def test_paper_config_schedules_the_whole_matrix(tmp_path):
         [f"results/embeddings/captions/{bb}/train" for bb in config["backbones"]]
         + [f"results/embeddings/uned/{bb}/train" for bb in ilias_backbones])
     assert counts["tables"] == counts["figure_tsne"] == counts["figure_cost_accuracy"] == 1
+    assert table_3_reranker_evaluations() <= evaluations, sorted(
+        table_3_reranker_evaluations() - evaluations)
+    # 3a: descriptors of the ILIAS image queries once, of SigLIP-L's shortlisted images once
+    assert jobs["extract_ilias_query_local_descriptors"] == ["results/local_descriptors/ilias/queries.npz"]
+    assert jobs["ilias_shortlist_ids"] == [
+        "results/local_descriptors/ilias/siglip-vit-l16@384/shortlist_ids.txt"]
+    assert jobs["extract_ilias_database_local_descriptors"] == [
+        "results/local_descriptors/ilias/siglip-vit-l16@384/database.npz"]
+    # 3b: INQUIRE-Rerank's images extracted once, for its embedding and the VLMs alike
+    assert jobs["extract_inquire_rerank_images"] == ["results/data/inquire_rerank_images"]
+    # the local-feature re-rankers are evaluated on ILIAS only, the VLMs on INQUIRE-Rerank only
+    for e in evaluations:
+        method = e.split("/")[4].removesuffix(".json")
+        if method in ("chamfer", "spatial_verification"):
+            assert e.startswith("results/eval/ilias/siglip-vit-l16@384/"), e
+        if method in table_3b_open_vlms():
+            assert e.startswith("results/eval/inquire_rerank/"), e
 
 
 # ----------------------------------------------------------------------------- a real run
@@ -143,6 +187,9 @@ def tiny_real_config(data_root: Path, models: Path, precomputed: str) -> dict:
                                 "embed_dim": 32, **TINY_SIZES},
             },
             "ilias": {"mini_shards": 2},
+            "local_descriptors": {"model": str(models / "dinov2"), "resolution": 32,
+                                  "query_descriptors": 12, "database_descriptors": 6,
+                                  "batch_size": 2, "num_workers": 0, "shortlist_margin": 2},
             "inquire": {"split": "test", "precomputed": {"tiny-clip": precomputed}},
             "collections": {"coco": {"format": "coco", "max_images": 6},
                             "cc12m": {"format": "webdataset"},
@@ -157,7 +204,9 @@ def tiny_real_config(data_root: Path, models: Path, precomputed: str) -> dict:
             {"benchmarks": ["ilias"], "backbones": ["tiny-siglip"],
              "methods": ["linear_adaptation", "quari_uned"]},
             {"benchmarks": ["inquire_rerank"], "backbones": ["tiny-siglip"],
-             "methods": ["identity", "quari"]},
+             "methods": ["identity", "quari", "llava_1.5_13b"]},
+            {"benchmarks": ["ilias"], "backbones": ["tiny-siglip"],   # Table 3a, local features
+             "methods": ["chamfer", "spatial_verification"]},
         ],
         "backbones": both,
         "evaluation": {"ilias": {"k": 10, "rerank_shortlist": 8}, "inquire": {"k": 5}},
@@ -165,7 +214,10 @@ def tiny_real_config(data_root: Path, models: Path, precomputed: str) -> dict:
         "methods": {"identity": {}, "quari": {},
                     "linear_adaptation": {"epochs": 1, "training_set": "uned"},
                     "quari_uned": {"type": "quari", "training_set": "uned",
-                                   "image_query_fraction": 1.0}},
+                                   "image_query_fraction": 1.0},
+                    "chamfer": {}, "spatial_verification": {"iterations": 50},
+                    "llava_1.5_13b": {"type": "vlm_reranker", "model": "llava_1.5_13b",
+                                      "path": str(models / "llava"), "batch_size": 5}},
         "quari": {"model": {"hidden_dim": 16, "nhead": 2, "num_layers": 1, "num_steps": 1, "rank": 4},
                   "train": {"max_steps": 3, "batch_size": 4, "eval_every": 3},
                   "image_query_fraction": 0.0},
@@ -184,6 +236,8 @@ def test_real_data_dag_end_to_end_on_generated_official_files(tmp_path):
     models = tmp_path / "models"
     save_tiny_clip(models / "clip")
     save_tiny_siglip(models / "siglip")
+    tiny_dinov2(models / "dinov2")
+    build_tiny_llava(models / "llava")
     config = tmp_path / "tiny-real.yaml"
     config.write_text(yaml.safe_dump(tiny_real_config(data, models, inquire["precomputed"])))
     work = tmp_path / "work"
@@ -236,6 +290,36 @@ def test_real_data_dag_end_to_end_on_generated_official_files(tmp_path):
     rerank_rows = table3[(table3["data"] == "real") & (table3["benchmark"] == "inquire")]
     assert set(rerank_rows["setting"]) == {"rerank top-5"}  # the fixed candidate lists
     assert (work / "figures/fig3_tsne.png").stat().st_size > 0
+
+    # Table 3a: DINOv2 descriptors of every image query, and of exactly the gallery images in
+    # some image query's cosine top-(8 + 2), recomputed here by brute force
+    from quari.local_matching import load_local_descriptors
+    local = res / "local_descriptors/ilias"
+    queries = load_local_descriptors(local / "queries.npz")
+    assert sorted(queries.ids) == sorted(ilias["queries"]) and set(queries.counts) == {12}
+    image_queries = load_embedding_set(res / "embeddings/ilias/tiny-siglip/image_queries")
+    g = np.asarray(gallery.embeddings, dtype=np.float32)
+    q = np.asarray(image_queries.embeddings, dtype=np.float32)
+    top = (-(q / np.linalg.norm(q, axis=1, keepdims=True))
+           @ (g / np.linalg.norm(g, axis=1, keepdims=True)).T).argsort(1)[:, :10]
+    shortlisted = sorted({gallery.ids[r] for r in top.ravel()})
+    assert (local / "tiny-siglip/shortlist_ids.txt").read_text().split() == shortlisted
+    database = load_local_descriptors(local / "tiny-siglip/database.npz")
+    assert database.ids == shortlisted and set(database.counts) == {6}
+    for method in ("chamfer", "spatial_verification"):  # image queries only, re-ranking only
+        result = json.loads((res / f"eval/ilias/tiny-siglip/{method}.json").read_text())
+        assert set(result["tasks"]) == {"i2i"} and set(result["tasks"]["i2i"]) == {"rerank"}
+        assert result["tasks"]["i2i"]["rerank"]["shortlist"] == 8
+    table3a = table3[(table3["data"] == "real") & (table3["benchmark"] == "ilias")]
+    assert {"chamfer", "spatial_verification"} <= set(table3a["method"])
+    # Table 3b: the VLM re-ranked the benchmark's candidates, read from the extracted images
+    images = dict(line.split("\t") for line in
+                  (res / "data/inquire_rerank_images.tsv").read_text().splitlines())
+    assert set(images) == {c for cands, _ in rerank.values() for c in cands}
+    assert all((res / "data" / path).is_file() for path in images.values())
+    vlm = json.loads((res / "eval/inquire_rerank/tiny-siglip/llava_1.5_13b.json").read_text())
+    assert vlm["tasks"]["t2i"]["rerank"]["shortlist_source"] == "benchmark"
+    assert "llava_1.5_13b" in set(rerank_rows["method"])
     again = snakemake(work, *targets, "--configfile", str(config),
                       "--replace-workflow-config", "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -251,3 +335,72 @@ def test_missing_files_are_listed_when_downloads_are_off(tmp_path):
     assert run.returncode != 0
     log = (tmp_path / "work/results/logs/data/locate/inquire.log").read_text()
     assert "inquire_queries_test.csv" in log and "inquire_annotations.csv" in log
+
+
+# ----------------------------------------------------------------------------- Table 3 inputs
+
+
+def test_default_offline_config_schedules_no_real_reranker_inputs(tmp_path):
+    run = snakemake(tmp_path, "-n", "results/table1.csv", "--configfile",
+                    str(ROOT / "workflow/config/config.yaml"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = scheduled_jobs(run.stdout + run.stderr)
+    assert "evaluate" in jobs
+    assert not {"ilias_shortlist_ids", "extract_ilias_query_local_descriptors",
+                "extract_ilias_database_local_descriptors", "extract_inquire_rerank_images"} & set(jobs)
+
+
+@pytest.mark.parametrize("method, entry, benchmark", [
+    ("chamfer", {}, "ilias_mini"),
+    ("llava_1.5_13b", {"type": "vlm_reranker", "model": "llava_1.5_13b"}, "ilias")])
+def test_a_reranker_on_a_benchmark_without_its_inputs_is_rejected(tmp_path, method, entry, benchmark):
+    cfg = tiny_real_config(tmp_path / "data", tmp_path / "models", str(tmp_path / "none"))
+    cfg["methods"][method] = entry
+    cfg["evaluations"].append({"benchmarks": [benchmark], "backbones": ["tiny-siglip"],
+                               "methods": [method]})
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    run = snakemake(tmp_path / "work", "-n", "--configfile", str(config),
+                    "--replace-workflow-config", timeout=300)
+    assert run.returncode != 0
+    message = run.stdout + run.stderr
+    assert f"{method} ({entry.get('type', method)}) re-ranks" in message
+    assert f"not ['{benchmark}']" in message
+
+
+def test_gallery_items_finds_shortlisted_positives_and_distractors(tmp_path):
+    from quari.data import ilias
+    expected = make_ilias(tmp_path / "ilias")
+    positive_tars = [tmp_path / "ilias/hf/ilias-core-db-000000.tar"]
+    yfcc = sorted((tmp_path / "ilias/server/yfcc100m").glob("*.tar"))
+    wanted = [expected["yfcc"][-1], expected["positives"][1], expected["yfcc"][0]]
+    items = ilias.gallery_items(wanted, positive_tars, yfcc)
+    assert [i for i, _ in items] == wanted
+    # the same bytes as the full listings the gallery embedding reads
+    full = dict(ilias.positive_items(positive_tars))
+    for tar in yfcc:
+        full.update(ilias.distractor_items(tar))
+    assert all(ref() == full[i]() for i, ref in items)
+    # only the shards holding a wanted id are read: the other one may be unreadable
+    only_first = [expected["yfcc"][0]]
+    yfcc[-1].write_bytes(b"not a tar")
+    assert [i for i, _ in ilias.gallery_items(only_first, positive_tars, yfcc)] == only_first
+    with pytest.raises(ValueError, match="in no positive or distractor shard"):
+        ilias.gallery_items(["yfcc100m_000000.tar/nope"], positive_tars, yfcc[:1])
+
+
+def test_shortlist_ids_are_the_union_of_every_querys_top_k():
+    from quari.local_descriptors import shortlist_ids
+    from quari.store import EmbeddingSet
+    rng = torch.Generator().manual_seed(0)
+    gallery = torch.randn(50, 8, generator=rng).numpy()
+    queries = torch.randn(7, 8, generator=rng).numpy()
+    g = EmbeddingSet(gallery, [f"g{i:02d}" for i in range(50)])
+    q = EmbeddingSet(queries, [f"q{i}" for i in range(7)])
+    # brute force: cosine of every pair, each query's k best rows
+    gn = gallery / (gallery ** 2).sum(1, keepdims=True) ** 0.5
+    qn = queries / (queries ** 2).sum(1, keepdims=True) ** 0.5
+    top = (-(qn @ gn.T)).argsort(1)[:, :4]
+    assert shortlist_ids(q, g, 4, chunk_rows=16, batch_size=3) == sorted(
+        {f"g{r:02d}" for r in top.ravel()})
+    assert shortlist_ids(q, g, 50) == sorted(g.ids)

@@ -147,3 +147,28 @@ def check_against_official(ids: Sequence[str], official: Sequence[str], what: st
         raise ValueError(
             f"{what}: {len(have)} ids, official list has {len(want)}; "
             f"missing e.g. {sorted(want - have)[:3]}, unexpected e.g. {sorted(have - want)[:3]}")
+
+
+def gallery_items(ids: Iterable[str], positive_tars: Iterable[str | os.PathLike],
+                  distractor_tars: Iterable[str | os.PathLike]) -> list[tuple[str, ImageRef]]:
+    """``(official id, image)`` of the given gallery ids, in the order given: core positives
+    (``<instance>/pos/P...jpg``) and distractors (``<shard name>/<key>``).
+
+    Only the distractor shards that hold a requested id are indexed, so a few hundred thousand
+    shortlisted images of the 100M gallery are found without reading every shard. Raises
+    ValueError naming the ids that are in none of the files (a shortlist of another gallery).
+    """
+    ids = list(dict.fromkeys(ids))
+    wanted = set(ids)
+    shards = {Path(t).name: t for t in distractor_tars}
+    found: dict[str, ImageRef] = {}
+    if any(_POSITIVE_KEY.match(i.removesuffix(".jpg")) for i in wanted):
+        found.update((i, ref) for i, ref in positive_items(positive_tars) if i in wanted)
+    needed_shards = sorted({i.split("/", 1)[0] for i in wanted if i.split("/", 1)[0] in shards})
+    for name in needed_shards:
+        found.update((i, ref) for i, ref in distractor_items(shards[name]) if i in wanted)
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise ValueError(f"{len(missing)} gallery ids are in no positive or distractor shard, "
+                         f"e.g. {missing[:3]}")
+    return [(i, found[i]) for i in ids]

@@ -41,6 +41,11 @@ def _check_config_early():
         TrainConfig(**config["quari"]["train"])
     except (TypeError, ValueError) as err:
         raise WorkflowError(f"quari: {err}") from None
+    if config["data"] == "synthetic":
+        needs_real = [m for m in METHODS if method_type(m) in RERANKER_BENCHMARK]
+        if needs_real:
+            raise WorkflowError(f"methods {needs_real}: they re-rank real images or local "
+                                "descriptors; run them with data: real")
     if config["data"] == "real":
         _check_real_config()
         if "evaluations" not in config:
@@ -52,6 +57,12 @@ def _check_config_early():
             unknown = [x for x in block[key] if x not in known]
             if unknown:
                 raise WorkflowError(f"evaluations[{n}].{key}: {unknown} not among {known}")
+        for method in block["methods"]:
+            only = RERANKER_BENCHMARK.get(method_type(method))
+            other = [b for b in block["benchmarks"] if b != only]
+            if only and other:
+                raise WorkflowError(f"evaluations[{n}]: {method} ({method_type(method)}) re-ranks "
+                                    f"{only} only (its inputs are that benchmark's files), not {other}")
     if config["data"] == "synthetic":
         from quari.synthetic import WorldConfig
 
@@ -71,7 +82,7 @@ if config["data"] == "synthetic":
 
 wildcard_constraints:
     backbone="|".join(map(re.escape, BACKBONES)),
-    method="|".join(METHODS),
+    method="|".join(map(re.escape, METHODS)),
     benchmark="|".join(BENCHMARKS),
 
 
@@ -98,6 +109,13 @@ def training_set_of(method):
 
 # methods trained on QuARI's training pairs (its `quari.train` recipe, semi-positives included)
 QUARI_DATA_METHODS = ("quari", "finetuned_backbone")
+# Table 3 re-rankers that read more than embeddings (real data only): DINOv2 local descriptors
+# of ILIAS images (3a), INQUIRE-Rerank's candidate images and query texts (3b)
+LOCAL_FEATURE_METHODS = ("chamfer", "spatial_verification")
+VLM_METHODS = ("vlm_reranker",)
+# the one benchmark each of them runs on (their inputs are that benchmark's files)
+RERANKER_BENCHMARK = {**dict.fromkeys(LOCAL_FEATURE_METHODS, "ilias"),
+                      **dict.fromkeys(VLM_METHODS, "inquire_rerank")}
 
 
 def get_train_inputs(wildcards):
@@ -111,6 +129,13 @@ def get_train_inputs(wildcards):
         inputs["semipositives"] = f"results/mining/{trainset}/{wildcards.backbone}/semipositives.npz"
     if method_type(wildcards.method) == "oracle":
         inputs["oracle"] = f"results/embeddings/{trainset}/{wildcards.backbone}/oracle.npz"
+    if method_type(wildcards.method) in LOCAL_FEATURE_METHODS:  # the fit context's files
+        inputs["local_descriptors"] = (f"results/local_descriptors/ilias/{wildcards.backbone}/"
+                                       "database.npz")
+        inputs["query_local_descriptors"] = "results/local_descriptors/ilias/queries.npz"
+    if method_type(wildcards.method) in VLM_METHODS:
+        inputs["gallery_images"] = "results/data/inquire_rerank_images.tsv"
+        inputs["query_texts"] = "results/data/inquire_rerank_queries.tsv"
     return inputs
 
 

@@ -1,4 +1,7 @@
 # Real data: locate (download and verify, or find under data_root) -> ground truth -> embed.
+# Table 3's re-rankers that read more than embeddings: DINOv2 local descriptors of ILIAS image
+# queries and of the database images in some query's top-k (chamfer, spatial_verification), and
+# INQUIRE-Rerank's candidate images as files (the VLM re-rankers).
 # Raw files live under real.data_root; manifests of the local files under results/data/; the
 # embedding cache under results/embeddings/{dataset}/{backbone}/{split}.
 
@@ -196,6 +199,7 @@ rule embed_inquire_rerank_text_queries:
 rule embed_inquire_rerank_gallery:
     input:
         files="results/data/inquire_rerank.json",
+        images="results/data/inquire_rerank_images",  # extracted once, shared with the VLMs
     output:
         directory("results/embeddings/inquire_rerank/{backbone}/gallery"),
     log:
@@ -204,7 +208,7 @@ rule embed_inquire_rerank_gallery:
         job="inquire_rerank_gallery",
         real=config["real"],
         device=config["device"],
-        images_dir="results/data/inquire_rerank_images",
+        images_dir=lambda wildcards, input: input.images,
     threads: 2
     conda:
         "../../environment.yml"
@@ -232,3 +236,79 @@ rule embed_training_set:
         "../../environment.yml"
     script:
         "../scripts/embed_real.py"
+
+
+rule extract_inquire_rerank_images:
+    input:
+        files="results/data/inquire_rerank.json",
+    output:
+        images=directory("results/data/inquire_rerank_images"),
+        images_tsv="results/data/inquire_rerank_images.tsv",
+        query_texts="results/data/inquire_rerank_queries.tsv",
+    log:
+        "results/logs/data/extract_inquire_rerank_images.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/extract_inquire_rerank_images.py"
+
+
+rule ilias_shortlist_ids:
+    input:
+        gallery="results/embeddings/ilias/{backbone}/gallery",
+        image_queries="results/embeddings/ilias/{backbone}/image_queries",
+    output:
+        "results/local_descriptors/ilias/{backbone}/shortlist_ids.txt",
+    log:
+        "results/logs/local_descriptors/ilias/{backbone}/shortlist_ids.log",
+    params:
+        shortlist=config["evaluation"]["ilias"]["rerank_shortlist"],
+        margin=config["real"]["local_descriptors"]["shortlist_margin"],
+        chunk_rows=config["evaluation"]["chunk_rows"],
+    threads: 2
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/ilias_shortlist_ids.py"
+
+
+rule extract_ilias_query_local_descriptors:
+    input:
+        files="results/data/ilias_core.json",
+    output:
+        descriptors="results/local_descriptors/ilias/queries.npz",
+        meta="results/local_descriptors/ilias/queries.npz.json",
+        skipped="results/local_descriptors/ilias/queries.npz.skipped.tsv",
+    log:
+        "results/logs/local_descriptors/ilias/queries.log",
+    params:
+        job="queries",
+        options=config["real"]["local_descriptors"],
+        device=config["device"],
+    threads: 2
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/extract_local_descriptors.py"
+
+
+rule extract_ilias_database_local_descriptors:
+    input:
+        files="results/data/ilias_core.json",
+        distractors="results/data/ilias_yfcc.json",
+        ids="results/local_descriptors/ilias/{backbone}/shortlist_ids.txt",
+    output:
+        descriptors="results/local_descriptors/ilias/{backbone}/database.npz",
+        meta="results/local_descriptors/ilias/{backbone}/database.npz.json",
+        skipped="results/local_descriptors/ilias/{backbone}/database.npz.skipped.tsv",
+    log:
+        "results/logs/local_descriptors/ilias/{backbone}/database.log",
+    params:
+        job="database",
+        options=config["real"]["local_descriptors"],
+        device=config["device"],
+    threads: 2
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/extract_local_descriptors.py"

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from baselines import get_method
+from baselines.local_features import LocalFeatureReranker
 from quari.data.inquire import rerank_candidates
 from quari.evaluation import RetrievalTask, evaluate_rerank, evaluate_search, hardware_name
 from quari.runlog import log_to
@@ -31,7 +32,8 @@ def main(smk):
     if w.benchmark in ("ilias", "ilias_mini"):
         if "i2i" in ev["ilias"]["tasks"]:
             tasks.append(RetrievalTask("i2i", load_embedding_set(smk.input.image_queries), gallery, positives))
-        if "t2i" in ev["ilias"]["tasks"]:
+        # local-feature re-rankers compare images: a text query has no local descriptors
+        if "t2i" in ev["ilias"]["tasks"] and not issubclass(cls, LocalFeatureReranker):
             tasks.append(RetrievalTask("t2i", load_embedding_set(smk.input.text_queries), gallery, positives))
         k, rerank_k = ev["ilias"]["k"], ev["ilias"]["rerank_shortlist"]
         metric_family = "ilias"

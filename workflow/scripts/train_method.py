@@ -31,6 +31,11 @@ def main(smk):
         context["semipositives"] = load_semipositives(smk.input.semipositives)
     if "oracle" in smk.input.keys():
         context["oracle_file"] = smk.input.oracle
+    # Table 3's re-rankers read files the rules prepared: local descriptors (chamfer, spatial
+    # verification), candidate images and query texts (VLMs); the method keeps their paths
+    for key in ("local_descriptors", "query_local_descriptors", "gallery_images", "query_texts"):
+        if key in smk.input.keys():
+            context[key] = str(Path(getattr(smk.input, key)).resolve())
     train = load_training_collection(smk.input.train)
     valid = load_training_collection(smk.input.valid)
     out_dir = Path(smk.output[0]).parent

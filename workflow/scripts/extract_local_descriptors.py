@@ -1,0 +1,51 @@
+"""DINOv2 local descriptors of ILIAS images for the Table 3a re-rankers (quari.local_descriptors):
+the image queries (600 each in the paper) or the shortlisted database images (100 each)."""
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from quari.data import ilias
+from quari.local_descriptors import (DinoLocalExtractor, LocalDescriptorConfig,
+                                     extract_local_descriptors)
+from quari.runlog import log_to
+
+log = logging.getLogger("quari.local_descriptors")
+
+
+def _files(path):
+    return json.loads(Path(path).read_text())
+
+
+def main(smk):
+    p = smk.params
+    torch.set_num_threads(max(1, smk.threads))
+    opts = p.options
+    core = _files(smk.input.files)
+    if p.job == "queries":
+        items = ilias.image_query_items(core["image_query_tars"])
+        n = opts["query_descriptors"]
+    elif p.job == "database":
+        ids = Path(smk.input.ids).read_text().split("\n")
+        items = ilias.gallery_items([i for i in ids if i], core["positive_tars"],
+                                    _files(smk.input.distractors)["distractor_tars"])
+        n = opts["database_descriptors"]
+    else:
+        raise ValueError(f"unknown local-descriptor job {p.job!r}")
+    device = "cuda" if p.device == "auto" and torch.cuda.is_available() else \
+        ("cpu" if p.device == "auto" else p.device)
+    config = LocalDescriptorConfig(model=opts["model"], num_descriptors=n,
+                                   resolution=opts["resolution"], saliency=opts["saliency"],
+                                   dtype=opts["dtype"])
+    log.info("%s: %d images, %d descriptors each, %s on %s", p.job, len(items), n, config.model,
+             device)
+    extractor = DinoLocalExtractor(config.model, device=device, saliency=config.saliency)
+    extract_local_descriptors(extractor, items, smk.output.descriptors, config,
+                              batch_size=opts["batch_size"], num_workers=opts["num_workers"],
+                              part_images=opts["part_images"], progress=False)
+
+
+with log_to(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
+    main(snakemake)  # noqa: F821
