@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from quari.embedding import ImageSource, _open_image, read_items_tsv
+from quari.embedding import ImageSource, open_image, read_items_tsv
 from quari.methods import RetrievalMethod
 from quari.store import atomic_write_text
 from quari.vlm import INQUIRE_TEMPERATURE, YesNoScorer, get_vlm
@@ -136,7 +136,7 @@ class VLMReranker(RetrievalMethod):
             readable, images = [], []
             for j in range(start, min(start + step, len(image_ids))):
                 try:
-                    images.append(_open_image(self.images_[image_ids[j]]))
+                    images.append(open_image(self.images_[image_ids[j]]))
                     readable.append(j)
                 except Exception as err:  # one unreadable image is ranked last, not fatal
                     log.warning("%s: cannot read image %s (%s: %s); it is ranked last",

@@ -62,7 +62,7 @@ class _Batch:
     skipped: list[tuple[int, str]]  # (position, reason) of items that could not be embedded
 
 
-def _open_image(source: ImageSource):
+def open_image(source: ImageSource):
     """Decode `source` fully into an RGB PIL image (raises on corrupt or unreadable data)."""
     from PIL import Image
     if callable(source):
@@ -88,7 +88,7 @@ class _ImageDataset(Dataset):
 
     def __getitem__(self, n: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            return n, self.transform(_open_image(self.sources[n])), ""
+            return n, self.transform(open_image(self.sources[n])), ""
         except Exception as err:  # any failure to read one image is recorded, not fatal
             return n, None, f"{type(err).__name__}: {err}"
 

@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from quari.backbones import ilias_size
-from quari.embedding import ImageSource, _open_image, read_items_tsv
+from quari.embedding import ImageSource, open_image, read_items_tsv
 from quari.local_matching import LocalDescriptors, load_local_descriptors
 from quari.store import atomic_savez, atomic_write_json, atomic_write_text
 
@@ -211,7 +211,7 @@ class _Images(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            pixels, meta = self.transform(_open_image(self.sources[i]))
+            pixels, meta = self.transform(open_image(self.sources[i]))
             return i, pixels, meta
         except Exception as err:  # one unreadable image is recorded and skipped, never fatal
             return i, None, " ".join(f"{type(err).__name__}: {err}".split())
