@@ -17,6 +17,8 @@ gallery row to its id, and each query to its descriptors through ``query_ids``.
 from __future__ import annotations
 
 import json
+import logging
+import math
 from abc import abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +30,7 @@ from quari import local_matching
 from quari.methods import RetrievalMethod
 
 _STATE = "local_features.json"
+log = logging.getLogger(__name__)
 
 
 class LocalFeatureReranker(RetrievalMethod):
@@ -91,10 +94,21 @@ class LocalFeatureReranker(RetrievalMethod):
                              "gallery ids were set")
         shortlist = np.asarray(shortlist)
         state = self.prepare(torch.empty(0), query_ids)
+        known = self.database_.row_of
+        out = torch.full(shortlist.shape, -math.inf)
+        missing: set[str] = set()
         with torch.no_grad():
-            return torch.stack([
-                self.score_images(state[b], self.database_.rows([self.gallery_ids_[r] for r in row]))
-                for b, row in enumerate(shortlist)]).cpu()
+            for b, row in enumerate(shortlist):
+                ids = [self.gallery_ids_[r] for r in row]
+                have = [j for j, i in enumerate(ids) if i in known]
+                missing.update(i for i in ids if i not in known)
+                if have:
+                    out[b, have] = self.score_images(
+                        state[b], self.database_.rows([ids[j] for j in have])).cpu().float()
+        if missing:  # e.g. images the descriptor extraction could not read (its skip list)
+            log.warning("%s: %d shortlisted images have no local descriptors and are ranked last, "
+                        "e.g. %s", self.name, len(missing), sorted(missing)[:3])
+        return out
 
     @abstractmethod
     def score_images(self, query: tuple[np.ndarray, np.ndarray], rows: np.ndarray) -> torch.Tensor:

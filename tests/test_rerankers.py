@@ -221,6 +221,8 @@ def test_local_reranker_needs_gallery_ids(local_world):
         method.rerank(gallery[:1], gallery, np.array([[0, 1]]), query_ids=["q0"])
     method.set_gallery(local_world["gallery_ids"])
     assert method.rerank(gallery[:1], gallery, np.array([[0, 1]]), query_ids=["q0"]).shape == (1, 2)
+    ref = method.rerank(gallery[:1], gallery, np.array([[3, 1]]), query_ids=["q0"])  # a, b
     method.set_gallery(["a", "zz", "b", "c", "d"])  # a shortlisted row without descriptors
-    with pytest.raises(KeyError, match="zz"):
-        method.rerank(gallery[:1], gallery, np.array([[0, 1]]), query_ids=["q0"])
+    got = method.rerank(gallery[:1], gallery, np.array([[0, 1, 2]]), query_ids=["q0"])
+    assert got[0, 1].item() == -np.inf  # ranked last, logged, not fatal
+    assert torch.equal(got[0, [0, 2]], ref[0])
