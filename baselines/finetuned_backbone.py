@@ -23,7 +23,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -33,9 +32,9 @@ from quari import training
 from quari.losses import contrastive_loss_from_logits
 from quari.methods import StaticProjectionMethod
 from quari.mining import SemiPositives
-from quari.quari_method import training_pairs
+from quari.quari_method import collection_training_data
 from quari.store import TrainingCollection, atomic_write_json
-from quari.training import Batch, TrainConfig, TrainingData, make_batch, make_training_data
+from quari.training import Batch, TrainConfig, TrainingData, make_batch
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +178,8 @@ class FinetunedBackbone(StaticProjectionMethod):
 
     def _data(self, collection: TrainingCollection, seed: int,
               semipositives: SemiPositives | None) -> TrainingData:
-        queries, rows = training_pairs(collection, self.params["image_query_fraction"], seed)
-        return make_training_data(np.asarray(collection.images.embeddings, dtype=np.float32),
-                                  collection.images.ids, queries, rows, semipositives,
-                                  image_labels=collection.image_labels)
+        return collection_training_data(collection, self.params["image_query_fraction"], seed,
+                                        semipositives)
 
     def fit(self, train: TrainingCollection, valid: TrainingCollection | None = None,
             workdir=None, semipositives: SemiPositives | None = None, **context):

@@ -146,12 +146,7 @@ class VLMReranker(RetrievalMethod):
 
     def rerank(self, queries, gallery, shortlist: np.ndarray,
                query_ids: Sequence[str] | None = None) -> torch.Tensor:
-        if self.gallery_ids_ is None:
-            raise RuntimeError(f"{self.name} does not know the gallery ids: pass gallery_ids to "
-                               "fit or call set_gallery")
-        if len(gallery) != len(self.gallery_ids_):
-            raise ValueError(f"gallery has {len(gallery)} rows but {len(self.gallery_ids_)} "
-                             "gallery ids were set")
+        self.check_gallery_ids(gallery)
         if self.images_ is None:
             raise RuntimeError(f"{self.name} is not fitted (no gallery images)")
         shortlist = np.asarray(shortlist)

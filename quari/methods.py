@@ -116,6 +116,16 @@ class RetrievalMethod(ABC):
         with torch.no_grad():
             return self.score_candidates(self.prepare(q, query_ids), q, candidates, query_ids).cpu()
 
+    def check_gallery_ids(self, gallery) -> None:
+        """For re-rankers that look candidates up by id: the ids set by ``set_gallery`` (in
+        ``gallery_ids_``) must exist and match the gallery's row count."""
+        ids = getattr(self, "gallery_ids_", None)
+        if ids is None:
+            raise RuntimeError(f"{self.name} does not know the gallery ids: pass gallery_ids to "
+                               "fit or call set_gallery")
+        if len(gallery) != len(ids):
+            raise ValueError(f"gallery has {len(gallery)} rows but {len(ids)} gallery ids were set")
+
     # -- persistence ----------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
         """Save hyperparameters (``method.json``) and learned state (``save_state``)."""

@@ -73,6 +73,16 @@ def training_pairs(collection: TrainingCollection, image_query_fraction: float, 
     return np.concatenate(queries), np.concatenate(query_image).astype(np.int64)
 
 
+def collection_training_data(collection: TrainingCollection, image_query_fraction: float,
+                             seed: int, semipositives: SemiPositives | None = None) -> TrainingData:
+    """QuARI's training data from a collection: its :func:`training_pairs`, images deduplicated,
+    instance labels as positive groups, semi-positives when given."""
+    queries, rows = training_pairs(collection, image_query_fraction, seed)
+    return make_training_data(np.asarray(collection.images.embeddings, dtype=np.float32),
+                              collection.images.ids, queries, rows, semipositives,
+                              image_labels=collection.image_labels)
+
+
 class QuARIMethod(TransformMethod):
     """QuARI: a per-query low-rank map of the gallery and an adapted query."""
 
@@ -95,10 +105,8 @@ class QuARIMethod(TransformMethod):
 
     def _data(self, collection: TrainingCollection, seed: int,
               semipositives: SemiPositives | None) -> TrainingData:
-        queries, rows = training_pairs(collection, self.params["image_query_fraction"], seed)
-        return make_training_data(np.asarray(collection.images.embeddings, dtype=np.float32),
-                                  collection.images.ids, queries, rows, semipositives,
-                                  image_labels=collection.image_labels)
+        return collection_training_data(collection, self.params["image_query_fraction"], seed,
+                                        semipositives)
 
     def fit(self, train: TrainingCollection, valid: TrainingCollection | None = None,
             workdir=None, semipositives: SemiPositives | None = None, **context):
