@@ -132,10 +132,9 @@ def tiny_siglip(tmp_path_factory) -> tuple[Path, BackboneInfo]:
     return directory, save_tiny_siglip(directory)
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> tuple[Path, BackboneInfo]:
+def save_tiny_clip(directory: Path) -> None:
+    """A randomly initialised tiny CLIP (24-d embeddings) and its tokenizer saved in ``directory``."""
     from transformers import CLIPConfig, CLIPModel
-    directory = tmp_path_factory.mktemp("tiny_clip")
     torch.manual_seed(1)
     config = CLIPConfig(
         text_config=dict(TOWER, vocab_size=len(WORDS) + 3, max_position_embeddings=16,
@@ -143,6 +142,12 @@ def tiny_clip(tmp_path_factory) -> tuple[Path, BackboneInfo]:
         vision_config=dict(TOWER, image_size=32, patch_size=8), projection_dim=24)
     CLIPModel(config).save_pretrained(directory)
     _save_word_tokenizer(directory)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> tuple[Path, BackboneInfo]:
+    directory = tmp_path_factory.mktemp("tiny_clip")
+    save_tiny_clip(directory)
     info = dataclasses.replace(get_backbone("clip-vit-b16@224"), name="tiny-clip", embed_dim=24,
                                patch_size=8, train_resolution=32, test_resolution=40)
     return directory, info

@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from quari.store import load_embedding_set, load_positives
-from tests.test_backbones import TOWER, WORDS, _save_word_tokenizer, save_tiny_siglip
+from tests.test_backbones import save_tiny_clip, save_tiny_siglip
 from tests.test_data_formats import make_collections, make_ilias, make_inquire, make_rerank
 from tests.test_local_descriptors import tiny_dinov2
 from tests.test_vlm_reranker import build_tiny_llava
@@ -153,18 +153,6 @@ def test_paper_config_schedules_the_whole_matrix(tmp_path):
 
 
 # ----------------------------------------------------------------------------- a real run
-
-
-def save_tiny_clip(directory: Path) -> None:
-    """A randomly initialised tiny CLIP and its tokenizer saved in ``directory``."""
-    from transformers import CLIPConfig, CLIPModel
-    torch.manual_seed(1)
-    config = CLIPConfig(
-        text_config=dict(TOWER, vocab_size=len(WORDS) + 3, max_position_embeddings=16,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2),
-        vision_config=dict(TOWER, image_size=32, patch_size=8), projection_dim=24)
-    CLIPModel(config).save_pretrained(directory)
-    _save_word_tokenizer(directory)
 
 
 TINY_SIZES = {"patch_size": 8, "train_resolution": 32, "test_resolution": 40}
