@@ -59,6 +59,10 @@ class QuARIConfig:
     anchor_scale: float = 0.8  # a in W = I + a U'V'^T (released variant only)
     query_residual_weight: float = 0.5  # w in q' = normalize((1-w) MLP_q + w q) (released only)
     fro_norm: bool = True  # divide U and V by their Frobenius norms (released: true)
+    # Hidden width of the three MLP decoders (None: hidden_dim, as released). Every decoded vector
+    # lies in the span of the decoder's last layer, at most this many directions of R^E, so a
+    # hidden_dim much smaller than E (CPU-sized models) confines U, V and q' to a fixed subspace.
+    decoder_hidden_dim: int | None = None
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -68,6 +72,8 @@ class QuARIConfig:
 
         for name in ("embedding_dim", "hidden_dim", "nhead", "num_layers", "num_steps", "rank"):
             positive_int(name)
+        if self.decoder_hidden_dim is not None:
+            positive_int("decoder_hidden_dim")
         if self.hidden_dim % 2:
             raise ValueError(f"QuARIConfig.hidden_dim must be even (sinusoidal codes), "
                              f"got {self.hidden_dim}")
@@ -115,10 +121,10 @@ def sinusoidal_positions(length: int, width: int) -> torch.Tensor:
     return codes
 
 
-def _decoder(hidden: int, out: int, dropout: float) -> nn.Sequential:
-    """Two-layer MLP decoder from a token to R^out."""
-    return nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout),
-                         nn.Linear(hidden, out))
+def _decoder(hidden: int, width: int, out: int, dropout: float) -> nn.Sequential:
+    """Two-layer MLP decoder from a token of size ``hidden`` through ``width`` units to R^out."""
+    return nn.Sequential(nn.Linear(hidden, width), nn.GELU(), nn.Dropout(dropout),
+                         nn.Linear(width, out))
 
 
 class QuARI(nn.Module):
@@ -140,9 +146,10 @@ class QuARI(nn.Module):
                                            norm_first=True)
         self.transformer = nn.TransformerEncoder(layer, config.num_layers,
                                                  enable_nested_tensor=False)
-        self.query_decoder = _decoder(h, e, p)
-        self.dec_u_img = _decoder(h, e, p)
-        self.dec_v_img = _decoder(h, e, p)
+        d = config.decoder_hidden_dim or h
+        self.query_decoder = _decoder(h, d, e, p)
+        self.dec_u_img = _decoder(h, d, e, p)
+        self.dec_v_img = _decoder(h, d, e, p)
 
     def num_parameters(self) -> int:
         """Number of learnable parameters (buffers excluded)."""

@@ -98,6 +98,11 @@ DISPLAY_NAME = {
     "quari_no_iterative_refinement": "QuARI, no iterative refinement",
     "quari_no_semipositives": "QuARI, no semi-positives", "quari_no_noise": "QuARI, no noise",
     "oracle": "oracle (synthetic only)",
+    # Table 3b's vision-language re-rankers (numbers reported by the INQUIRE benchmark)
+    "blip2_flant5xxl": "BLIP-2 FlanT5-XXL", "instructblip_t5xxl": "InstructBLIP T5-XXL",
+    "paligemma_3b_mix_448": "PaliGemma 3B", "llava_1.5_13b": "LLaVA-1.5 13B",
+    "llava_1.6_7b": "LLaVA-1.6 7B", "llava_1.6_34b": "LLaVA-1.6 34B", "vila_13b": "VILA 13B",
+    "vila_40b": "VILA 40B", "gpt_4v": "GPT-4V", "gpt_4o": "GPT-4o",
 }
 
 

@@ -4,10 +4,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from matplotlib.text import Text
+from matplotlib.transforms import Bbox
 
 from quari import scoring
-from quari.figures import (TsnePanel, cost_accuracy_caption, map_rows, measured_cost_accuracy,
+from quari.figures import (TsnePanel, _coincident_groups, _LabelLayout, _label_offsets,
+                           _offset_box, cost_accuracy_caption, map_rows, measured_cost_accuracy,
                            paper_figure4_points, plot_cost_accuracy, plot_tsne)
+from quari.tables import DISPLAY_NAME
 from quari.transform import QueryTransform
 
 from .conftest import ROOT
@@ -86,3 +90,133 @@ def test_figure3_layout():
     distractors, positives, query = fig.axes[0].collections
     assert len(positives.get_offsets()) == 4 and len(distractors.get_offsets()) == 25
     assert tuple(positives.get_facecolor()[0][:3]) != tuple(distractors.get_facecolor()[0][:3])
+
+
+# --- Figure 4's label placement ---------------------------------------------------------------
+
+#: ten measured methods crowded among the paper's alpha-QE / Chamfer points (ms 2-6, mAP 18-26),
+#: spaced as the measured points of an offline run are
+CLUSTER = pd.DataFrame(
+    [("ilias", m, ms, acc) for m, ms, acc in (
+        ("initial_ranking", 2.2, 21.0), ("alpha_qe1", 2.35, 20.3), ("alpha_qe2", 2.8, 20.5),
+        ("alpha_qe5", 1.8, 19.7), ("quari", 5.0, 24.2), ("quari_no_noise", 2.6, 23.8),
+        ("quari_no_iterative_refinement", 2.9, 24.8), ("linear_adaptation", 5.9, 22.0),
+        ("finetuned_backbone", 3.9, 21.4), ("oracle", 2.1, 25.8))],
+    columns=["panel", "method", "ms", "accuracy"])
+
+
+def label_boxes(fig, ax):
+    """Display boxes of the axes' labels, text only (an annotation's own extent adds its line)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    return [Text.get_window_extent(t, renderer) for t in ax.texts]
+
+
+def test_figure4_labels_of_a_cluster_do_not_overlap():
+    fig = plot_cost_accuracy(CLUSTER, paper_figure4_points(PAPER), "Timed on CPU X")
+    ax = fig.axes[0]
+    boxes = label_boxes(fig, ax)
+    names = [name for t in ax.texts for name in t.get_text().split(" / ")]
+    expected = [DISPLAY_NAME.get(m, m) for m in CLUSTER["method"]]
+    paper_methods = PAPER[PAPER["table"] == "fig4-left"]["method"].unique()
+    expected += [DISPLAY_NAME.get(m, m) for m in paper_methods]
+    assert sorted(names) == sorted(expected)  # every point named, once
+    for i, a in enumerate(boxes):
+        assert fig.bbox.contains(a.x0, a.y0) and fig.bbox.contains(a.x1, a.y1)
+        assert ax.bbox.contains(a.x0, a.y0) and ax.bbox.contains(a.x1, a.y1)
+        assert not a.overlaps(ax.get_legend().get_window_extent())
+        for b in boxes[:i]:
+            assert not a.overlaps(b), (ax.texts[i].get_text(), b)
+
+
+def test_cluster_is_crowded_enough_to_need_placement():
+    """The test above can fail: labels at one fixed offset (the old layout) overlap there."""
+    fig = plot_cost_accuracy(CLUSTER, paper_figure4_points(PAPER), "Timed on CPU X")
+    ax = fig.axes[0]
+    for t in ax.texts:
+        t.xyann, t.arrowprops, t.arrow_patch = (3, 3), None, None
+        t.set_ha("left")
+        t.set_va("bottom")
+    boxes = label_boxes(fig, ax)
+    assert any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[:i])
+
+
+def test_figure4_labels_keep_off_the_markers():
+    points = paper_figure4_points(PAPER)
+    fig = plot_cost_accuracy(CLUSTER, points[points["panel"] == "inquire"], "x")
+    ax = fig.axes[0]
+    boxes = label_boxes(fig, ax)
+    radius = np.sqrt(40) / 2 * fig.dpi / 72  # measured markers: s=40 points^2
+    centres = ax.transData.transform(CLUSTER[["ms", "accuracy"]].to_numpy())
+    for x, y in centres:
+        marker = Bbox.from_extents(x - radius, y - radius, x + radius, y + radius)
+        assert not any(marker.overlaps(b) for b in boxes)
+
+
+def test_label_without_leader_is_nearest_its_own_point():
+    """A label set beside its point (no leader line) must not sit closer to another point."""
+    fig = plot_cost_accuracy(CLUSTER, paper_figure4_points(PAPER), "x")
+    ax = fig.axes[0]
+    boxes = label_boxes(fig, ax)
+    centres = np.vstack([ax.transData.transform(c.get_offsets()) for c in ax.collections])
+    beside = 0
+    for t, box in zip(ax.texts, boxes):
+        if t.arrow_patch is not None or " / " in t.get_text():  # leader, or a shared label
+            continue
+        beside += 1
+        own = ax.transData.transform(t.xy)
+        zero = np.zeros(len(centres))
+        dx = np.maximum.reduce([box.x0 - centres[:, 0], centres[:, 0] - box.x1, zero])
+        dy = np.maximum.reduce([box.y0 - centres[:, 1], centres[:, 1] - box.y1, zero])
+        nearest = centres[np.argmin(np.hypot(dx, dy))]  # the point nearest the label's box
+        assert np.allclose(nearest, own), t.get_text()
+    assert beside >= 5
+
+
+def test_coincident_points_share_one_label():
+    same = pd.DataFrame([("inquire", "alpha_qe1", 0.2, 60.0), ("inquire", "alpha_qe2", 0.2, 60.0),
+                         ("inquire", "quari", 3.0, 70.0)], columns=CLUSTER.columns)
+    fig = plot_cost_accuracy(same, paper_figure4_points(PAPER), "x")
+    texts = [t.get_text() for t in fig.axes[1].texts]
+    assert "α-QE (n=1) / α-QE (n=2)" in texts and "QuARI" in texts
+    assert not any("α-QE (n=1)" in t and t != "α-QE (n=1) / α-QE (n=2)" for t in texts)
+
+
+def test_figure4_labels_are_deterministic():
+    def placements():
+        fig = plot_cost_accuracy(CLUSTER, paper_figure4_points(PAPER), "x")
+        return [(t.get_text(), tuple(t.xyann), t.get_ha(), t.get_va()) for t in fig.axes[0].texts]
+    assert placements() == placements()
+
+
+def test_label_candidates_start_clear_of_the_marker():
+    """Every candidate box keeps at least radius + gap between the point and the label."""
+    layout = _LabelLayout()
+    offsets = _label_offsets(4.0, layout)
+    assert [(o.ha, o.va) for o in offsets[:4]] == [("left", "center"), ("right", "center"),
+                                                   ("center", "bottom"), ("center", "top")]
+    assert not any(o.leader for o in offsets[:8]) and all(o.leader for o in offsets[8:])
+    size = np.array([50.0, 10.0])
+    for o in offsets:
+        x0, y0, x1, y1 = _offset_box(np.zeros(2), o, size, px_per_pt=1.0)
+        gap = np.hypot(max(x0, 0, -x1), max(y0, 0, -y1))  # distance from the point to the box
+        assert gap >= 4.0 + layout.gap - 1e-9
+
+
+def test_coincident_groups_chain_close_points():
+    anchors = np.array([[0.0, 0.0], [50.0, 0.0], [4.0, 0.0], [8.0, 0.0], [53.0, 3.0]])
+    assert _coincident_groups(anchors, distance=5.0) == [[0, 2, 3], [1, 4]]
+
+
+def test_crowded_figure4_still_labels_every_point():
+    """Where no place is free (thirty points on top of each other) every point still gets one."""
+    rng = np.random.default_rng(0)
+    crowd = pd.DataFrame({"panel": "ilias", "method": [f"method {i}" for i in range(30)],
+                          "ms": 3 + rng.random(30), "accuracy": 20 + rng.random(30)})
+    wide = pd.DataFrame([("ilias", "far", 1e3, 90.0), ("ilias", "near", 1e-1, 0.0),
+                         ("inquire", "other panel", 1.0, 50.0)],
+                        columns=CLUSTER.columns)
+    fig = plot_cost_accuracy(crowd, wide, "x")
+    names = [n for t in fig.axes[0].texts for n in t.get_text().split(" / ")]
+    assert sorted(names) == sorted(list(crowd["method"]) + ["far", "near"])
+    assert [t.get_text() for t in fig.axes[1].texts] == ["other panel"]

@@ -201,7 +201,7 @@ def test_clip_large_parameter_count():
     ("embedding_dim", 0), ("hidden_dim", 30), ("hidden_dim", 33), ("nhead", 0),
     ("num_layers", 0), ("num_steps", -1), ("rank", 2.5), ("dropout", 1.0),
     ("token_dropout", -0.1), ("variant", "other"), ("anchor_scale", float("nan")),
-    ("query_residual_weight", 1.5), ("fro_norm", "yes"),
+    ("query_residual_weight", 1.5), ("fro_norm", "yes"), ("decoder_hidden_dim", 0),
 ])
 def test_config_validation_names_the_field(field, value):
     kwargs = {**SMALL, "nhead": 4, field: value}
@@ -212,3 +212,34 @@ def test_config_validation_names_the_field(field, value):
 def test_rejects_wrong_query_width():
     with pytest.raises(ValueError, match="queries"):
         small_model()(torch.randn(2, 23))
+
+
+@pytest.mark.parametrize("variant", ["released", "paper"])
+def test_decoder_width_bounds_the_span_of_decoded_vectors(variant):
+    """Every decoded U column lies in bias + the span of the last decoder layer: at most
+    decoder width directions of R^E whatever the query. A narrow decoder confines U to a fixed
+    subspace; a wider one (``decoder_hidden_dim``) lifts the limit."""
+    def span_rank(model):
+        with torch.no_grad():
+            t = model(F.normalize(torch.randn(64, 24), dim=-1))
+            left = t.right if variant == "paper" else t.left  # the U factor of either variant
+            cols = left.transpose(1, 2).reshape(-1, 24) - model.dec_u_img[-1].bias
+        return torch.linalg.matrix_rank(cols.double(), rtol=1e-6).item()
+
+    narrow = small_model(variant, hidden_dim=8, nhead=4, fro_norm=False)
+    assert narrow.dec_u_img[0].out_features == 8
+    assert span_rank(narrow) <= 8
+    wide = small_model(variant, hidden_dim=8, nhead=4, fro_norm=False, decoder_hidden_dim=48)
+    assert [wide.dec_u_img[0].out_features, wide.dec_u_img[-1].in_features] == [48, 48]
+    assert wide.query_decoder[0].out_features == wide.dec_v_img[0].out_features == 48
+    assert span_rank(wide) > 8
+
+
+def test_decoder_width_round_trips_through_our_checkpoints(tmp_path):
+    from quari.checkpoint import load_pretrained, save_pretrained
+    model = small_model(decoder_hidden_dim=40).eval()
+    save_pretrained(model, tmp_path / "m")
+    loaded = load_pretrained(tmp_path / "m").eval()
+    assert loaded.config.decoder_hidden_dim == 40
+    q = F.normalize(torch.randn(3, 24), dim=-1)
+    assert torch.allclose(model(q).query, loaded(q).query)
