@@ -15,7 +15,7 @@ def main(smk):
     fig = plot_cost_accuracy(measured_cost_accuracy(evaluations),
                              paper_figure4_points(pd.read_csv(smk.input.paper)), caption)
     for out in (smk.output.png, smk.output.pdf):
-        fig.savefig(out)  # at the figure's own resolution (the labels were placed at it)
+        fig.savefig(out, dpi="figure")  # the resolution the labels were placed at
 
 
 with log_to(snakemake.log[0]):  # noqa: F821
