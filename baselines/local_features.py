@@ -10,8 +10,11 @@ Inputs, all given to ``fit`` as context (nothing is learned)::
     query_local_descriptors   path of the queries' descriptors, keyed by query id
     gallery_ids               id of every gallery row, in row order (or call ``set_gallery``)
 
-Both files use the layout of :mod:`quari.local_matching`. ``rerank`` maps each shortlisted
-gallery row to its id, and each query to its descriptors through ``query_ids``.
+Both files use the layout of :mod:`quari.local_matching` and are memory-mapped (ILIAS's
+shortlisted images hold about 185 GB of float16 descriptors). ``rerank`` maps each shortlisted
+gallery row to its id, and each query to its descriptors through ``query_ids``; per query it
+copies out only that query's candidates (:meth:`~quari.local_matching.LocalDescriptors.gather`)
+and converts them to float32, so memory grows with the shortlist, not with the file.
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ class LocalFeatureReranker(RetrievalMethod):
     # -- ranking --------------------------------------------------------------------------
     def prepare(self, queries: torch.Tensor, query_ids: Sequence[str] | None = None
                 ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Each query's (descriptors, positions), looked up by its id."""
+        """Each query's (descriptors, positions), looked up by its id (views of the file, in
+        the stored dtype; ``rerank`` converts one query at a time)."""
         if self.queries_ is None:
             raise RuntimeError(f"{self.name} is not fitted (no local descriptors)")
         if query_ids is None:
@@ -98,8 +102,9 @@ class LocalFeatureReranker(RetrievalMethod):
                 have = [j for j, i in enumerate(ids) if i in known]
                 missing.update(i for i in ids if i not in known)
                 if have:
+                    query = tuple(np.array(a, dtype=np.float32) for a in state[b])  # a copy
                     out[b, have] = self.score_images(
-                        state[b], self.database_.rows([ids[j] for j in have])).cpu().float()
+                        query, self.database_.rows([ids[j] for j in have])).cpu().float()
         if missing:  # e.g. images the descriptor extraction could not read (its skip list)
             log.warning("%s: %d shortlisted images have no local descriptors and are ranked last, "
                         "e.g. %s", self.name, len(missing), sorted(missing)[:3])
@@ -107,7 +112,8 @@ class LocalFeatureReranker(RetrievalMethod):
 
     @abstractmethod
     def score_images(self, query: tuple[np.ndarray, np.ndarray], rows: np.ndarray) -> torch.Tensor:
-        """Scores [K] of one query (descriptors, positions) against database rows [K]."""
+        """Scores [K] of one query (float32 descriptors, positions) against database rows [K]
+        (read them with ``self.database_.gather``)."""
 
     # -- persistence ----------------------------------------------------------------------
     def save_state(self, directory: Path) -> None:
@@ -127,10 +133,11 @@ class ChamferReranker(LocalFeatureReranker):
     label = "Chamfer similarity"
 
     def score_images(self, query, rows):
-        db = self.database_
+        width = max(1, int(self.database_.counts[rows].max()))  # past it: padding only
+        desc, _, counts = self.database_.gather(rows, width)  # stored dtype: converted by chunk
         return local_matching.chamfer_similarities(
-            torch.from_numpy(query[0]).to(self.device), torch.from_numpy(db.descriptors[rows]),
-            torch.from_numpy(db.counts[rows]))
+            torch.from_numpy(query[0]).to(self.device), torch.from_numpy(desc),
+            torch.from_numpy(counts))
 
 
 class SpatialVerificationReranker(LocalFeatureReranker):
@@ -151,6 +158,8 @@ class SpatialVerificationReranker(LocalFeatureReranker):
 
     def score_images(self, query, rows):
         p = {k: v for k, v in self.params.items() if k != "device"}
-        counts = [local_matching.spatial_verification(query[0], query[1], *self.database_.image(r), **p)
-                  for r in rows]
-        return torch.tensor(counts, dtype=torch.float32)
+        desc, xy, counts = self.database_.gather(rows)
+        inliers = [local_matching.spatial_verification(query[0], query[1], desc[k, :m], xy[k, :m],
+                                                       **p)
+                   for k, m in enumerate(counts)]
+        return torch.tensor(inliers, dtype=torch.float32)

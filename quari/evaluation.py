@@ -124,9 +124,15 @@ def k_label(k: int) -> str:
 
 
 def evaluate_search(method: RetrievalMethod, task: RetrievalTask, benchmark: str, k: int,
-                    chunk_rows: int = 65536, shortlist: int | str = "all") -> dict:
-    """Full retrieval: rank the gallery and score the top k. Returns metrics and timing."""
-    idx, _, seconds = rank_gallery(method, task, k, chunk_rows=chunk_rows, shortlist=shortlist)
+                    chunk_rows: int = 65536, shortlist: int | str = "all",
+                    query_batch: int = 64) -> dict:
+    """Full retrieval: rank the gallery and score the top k. Returns metrics and timing.
+
+    Every batch of ``query_batch`` queries streams the whole gallery once (``chunk_rows`` rows at
+    a time), so a larger batch means fewer passes over a gallery that does not fit in memory.
+    """
+    idx, _, seconds = rank_gallery(method, task, k, batch_size=query_batch, chunk_rows=chunk_rows,
+                                   shortlist=shortlist)
     pairs = len(task.queries) * (len(task.gallery) if shortlist == "all"
                                  else min(int(shortlist), len(task.gallery)))
     return {

@@ -1,5 +1,5 @@
 """DINOv2 local descriptors for the local-feature re-rankers of Table 3a (Chamfer, spatial
-verification): the ``n`` most salient patch tokens of every image, with their positions.
+verification, AMES): the ``n`` most salient patch tokens of every image, with their positions.
 
 The paper re-ranks with DINOv2 patch descriptors, 100 per database image and 600 per query. Per
 image this module:
@@ -24,6 +24,24 @@ Saliency (``saliency=``):
   patches (Darcet et al., ICLR 2024) that a norm ranking would pick first.
 - ``"cls_attention"``: the last layer's attention from the CLS token to each patch, averaged over
   heads: where the global representation looks. Needs eager attention (slower).
+- ``"ames_detector"``: AMES's trained detector (:class:`quari.ames.AMESDetector`, published as
+  ``dinov2_detector.pt``; ``detector=`` path or URL, default the published one). It *transforms*
+  every patch token (pointwise conv + batch norm, L2-normalised) and ranks the tokens by a
+  learned score, and the stored descriptors are the transformed ones. The official extraction
+  command (its README) always passes this detector, so these are the descriptors the published
+  AMES networks are evaluated with: use them with the ``ames`` re-ranker.
+
+Compared with the official AMES extraction (``extract/extract_dino.py`` of pavelsuma/ames), with
+``saliency="ames_detector"`` the model (torch hub ``dinov2_vitb14_reg`` = the hub's
+``facebook/dinov2-with-registers-base``), the tokens (last layer after the final norm, registers
+dropped), the detector, the top-n selection and the normalisation are the same. Two things
+differ: (1) the official code resizes each side to a multiple of 14 (OpenCV, area/bilinear),
+slightly changing the aspect ratio, and without ``--imsize`` (its README's command) keeps each
+image at its stored resolution; here the long side becomes ``resolution`` (bicubic) and the image
+is zero-padded, and patches centred in the padding are never kept. For the official scales, set
+``resolution`` to the images' own long side. (2) the official files store float32 and AMES rounds
+the *mapped* database descriptors to float16; here descriptors are stored in ``dtype`` (float16
+by default) before the mapping, a rounding of the same size.
 
 Output, in the layout :func:`quari.local_matching.load_local_descriptors` reads (one ``.npz``):
 ``ids``, ``descriptors`` [N, n, D] (float16 by default), ``xy`` [N, n, 2] patch centres in
@@ -32,7 +50,10 @@ thresholds do not depend on image size), ``counts`` [N]; plus ``image_sizes`` [N
 width, height) so that ``xy * image_sizes`` gives the centres in original pixels. Beside it:
 ``<out>.skipped.tsv`` (images that could not be read) and ``<out>.json`` (what was extracted,
 how). Work is written in parts under ``<out>.parts/`` as it goes, so an interrupted run resumes
-after the last complete part; the final file is written atomically and the parts removed.
+after the last complete part; the final file is then streamed from the parts one at a time
+(never whole in memory: ILIAS's shortlisted images are about 185 GB of descriptors), written
+atomically, and the parts are removed only once it is in place. It is an uncompressed ``.npz``
+that the re-rankers memory-map.
 """
 
 from __future__ import annotations
@@ -56,14 +77,15 @@ from tqdm.auto import tqdm
 
 from quari.backbones import ilias_size
 from quari.embedding import ImageSource, open_image, read_items_tsv
-from quari.local_matching import LocalDescriptors, load_local_descriptors
-from quari.store import atomic_savez, atomic_write_json, atomic_write_text
+from quari.local_matching import LocalDescriptors, load_local_descriptors, save_local_descriptors
+from quari.store import (NpzWriter, atomic_write_json, atomic_write_npz, atomic_write_text,
+                         load_npz_array, read_npz_arrays)
 
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SALIENCIES = ("norm", "cls_attention")
+SALIENCIES = ("norm", "cls_attention", "ames_detector")
 #: the paper's descriptor counts (Table 3a): per database image and per query
 DATABASE_DESCRIPTORS = 100
 QUERY_DESCRIPTORS = 600
@@ -76,8 +98,11 @@ class LocalDescriptorConfig:
     model: str = "facebook/dinov2-with-registers-base"  # ViT-B/14 with registers, as AMES uses
     num_descriptors: int = DATABASE_DESCRIPTORS  # top-n patches kept (paper: 100 db, 600 query)
     resolution: int = 518  # long side in pixels; DINOv2's high-resolution training size (37 patches)
-    saliency: str = "norm"  # patch ranking: "norm" or "cls_attention" (module docstring)
-    dtype: str = "float16"  # stored descriptor type (halves the file; re-rankers read float32)
+    saliency: str = "norm"  # patch ranking: "norm", "cls_attention", "ames_detector" (docstring)
+    dtype: str = "float16"  # stored descriptor type (halves the file; re-rankers convert the
+    #                         rows they read to float32)
+    detector: str | None = None  # AMES detector checkpoint, path or URL ("ames_detector" only;
+    #                              None there: the published dinov2_detector.pt)
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -147,11 +172,20 @@ def select_patches(tokens: torch.Tensor, saliency: torch.Tensor, grid: tuple[int
 # ----------------------------------------------------------------------------- model
 
 class DinoLocalExtractor:
-    """A frozen DINOv2 that turns preprocessed images into selected local descriptors."""
+    """A frozen DINOv2 that turns preprocessed images into selected local descriptors.
 
-    def __init__(self, source: str, device: torch.device | str = "cpu", saliency: str = "norm"):
+    ``detector`` (path or URL of an AMES detector checkpoint; None: the published one) is read
+    only with ``saliency="ames_detector"``; a URL is downloaded once into ``cache_dir``
+    (:func:`quari.ames.resolve_checkpoint`).
+    """
+
+    def __init__(self, source: str, device: torch.device | str = "cpu", saliency: str = "norm",
+                 detector: str | None = None, cache_dir: str | os.PathLike | None = None):
         if saliency not in SALIENCIES:
             raise ValueError(f"unknown saliency {saliency!r}; use one of {SALIENCIES}")
+        if detector is not None and saliency != "ames_detector":
+            raise ValueError(f"a detector is only used with saliency 'ames_detector', not "
+                             f"{saliency!r}")
         from transformers import AutoConfig, AutoModel
         config = AutoConfig.from_pretrained(source)
         if config.model_type not in ("dinov2", "dinov2_with_registers"):
@@ -165,6 +199,15 @@ class DinoLocalExtractor:
         self.patch_size = int(config.patch_size)
         self.num_register_tokens = int(getattr(config, "num_register_tokens", 0))
         self.dim = int(config.hidden_size)
+        self.detector = None
+        if saliency == "ames_detector":
+            from quari.ames import DINOV2_DETECTOR_URL, load_ames_detector
+            self.detector = load_ames_detector(detector or DINOV2_DETECTOR_URL, self.device,
+                                               cache_dir=cache_dir)
+            if self.detector.conv1.in_channels != self.dim:
+                raise ValueError(f"the AMES detector {detector or DINOV2_DETECTOR_URL} takes "
+                                 f"{self.detector.conv1.in_channels}-dimensional tokens, "
+                                 f"{source} gives {self.dim}")
 
     def transform(self, resolution: int) -> LocalTransform:
         """The preprocessing this model needs at ``resolution``."""
@@ -183,6 +226,9 @@ class DinoLocalExtractor:
         tokens = out.last_hidden_state[:, first:].float()
         if self.saliency == "norm":
             return tokens, tokens.norm(dim=-1)
+        if self.saliency == "ames_detector":  # in float32, as the official extraction
+            with torch.inference_mode():
+                return self.detector(tokens)
         return tokens, out.attentions[-1][:, :, 0, first:].float().mean(dim=1)
 
     def extract(self, pixels: torch.Tensor, metas: Sequence[ResizeMeta], n: int
@@ -218,7 +264,10 @@ class _Images(Dataset):
 
 
 def _fingerprint(config: LocalDescriptorConfig, ids: Sequence[str], part_images: int) -> str:
-    digest = hashlib.sha256(json.dumps({**asdict(config), "part_images": part_images},
+    fields = asdict(config)
+    if fields["detector"] is None:  # jobs from before the detector option keep their fingerprint
+        del fields["detector"]
+    digest = hashlib.sha256(json.dumps({**fields, "part_images": part_images},
                                        sort_keys=True).encode())
     for i in ids:
         digest.update(i.encode("utf-8") + b"\n")
@@ -227,7 +276,8 @@ def _fingerprint(config: LocalDescriptorConfig, ids: Sequence[str], part_images:
 
 def _save(path: Path, ids: Sequence[str], results: Sequence[tuple[np.ndarray, np.ndarray]],
           sizes: np.ndarray, n: int, dim: int, dtype: str) -> None:
-    """Write the layout of :mod:`quari.local_matching` (padded to ``n`` rows) plus image sizes."""
+    """Write one part in the layout of :mod:`quari.local_matching` (padded to ``n`` rows) plus
+    image sizes. A part holds ``part_images`` images, so it is built in memory."""
     descriptors = np.zeros((len(ids), n, dim), dtype=dtype)
     xy = np.zeros((len(ids), n, 2), dtype=np.float32)
     counts = np.zeros(len(ids), dtype=np.int64)
@@ -235,8 +285,32 @@ def _save(path: Path, ids: Sequence[str], results: Sequence[tuple[np.ndarray, np
         counts[r] = len(desc)
         descriptors[r, :len(desc)] = desc
         xy[r, :len(desc)] = pos
-    atomic_savez(path, ids=np.asarray(list(ids), dtype=str), descriptors=descriptors, xy=xy,
-                 counts=counts, image_sizes=np.asarray(sizes, dtype=np.int64).reshape(-1, 2))
+    save_local_descriptors(path, ids, descriptors, xy, counts,
+                           extra={"image_sizes": np.asarray(sizes, dtype=np.int64).reshape(-1, 2)})
+
+
+def _merge_parts(out_path: Path, part_paths: Sequence[Path]) -> int:
+    """Write the parts' images, in order, into one file at ``out_path`` (atomically); returns
+    the number of images. Only the parts' ids, counts and sizes are held in memory: the
+    descriptors and positions are copied part by part from memory maps, in blocks."""
+    small = [read_npz_arrays(p, ["ids", "counts", "image_sizes"]) for p in part_paths]
+    total = sum(len(part["ids"]) for part in small)
+    first = load_npz_array(part_paths[0], "descriptors")  # memory-mapped: shape and dtype only
+    (n, dim), dtype = first.shape[1:], first.dtype
+    del first
+
+    def fill(npz: NpzWriter) -> None:
+        npz.write("ids", np.concatenate([part["ids"] for part in small]).astype(str))
+        for key in ("counts", "image_sizes"):
+            npz.write(key, np.concatenate([part[key] for part in small]).astype(np.int64))
+        for key, shape, key_dtype in (("descriptors", (total, n, dim), dtype),
+                                      ("xy", (total, n, 2), np.float32)):
+            with npz.rows(key, shape, key_dtype) as append:
+                for part in part_paths:
+                    append(load_npz_array(part, key))
+
+    atomic_write_npz(out_path, fill)
+    return total
 
 
 def _part_batches(part: range, batch_size: int) -> list[list[int]]:
@@ -273,7 +347,8 @@ def extract_local_descriptors(extractor: DinoLocalExtractor,
                               num_workers: int = 2, part_images: int = 10_000,
                               progress: bool = True) -> LocalDescriptors:
     """Extract the top-``config.num_descriptors`` DINOv2 local descriptors of (id, image source)
-    items into ``out_path`` (``.npz``, layout in the module docstring) and return them loaded.
+    items into ``out_path`` (``.npz``, layout in the module docstring) and return them
+    (memory-mapped, :func:`quari.local_matching.load_local_descriptors`).
 
     Sources are what :mod:`quari.embedding` takes (a path, encoded bytes, or a callable).
     Unreadable images are logged, listed in ``<out>.skipped.tsv`` and absent from the file.
@@ -336,20 +411,13 @@ def extract_local_descriptors(extractor: DinoLocalExtractor,
     finally:
         bar.close()
 
-    arrays: dict[str, list] = {"ids": [], "descriptors": [], "xy": [], "counts": [],
-                               "image_sizes": []}
-    skipped_lines = []
-    for k in range(len(parts)):
-        with np.load(parts_dir / f"part-{k:05d}.npz") as f:
-            for key in arrays:
-                arrays[key].append(f[key])
-        skipped_lines.append((parts_dir / f"part-{k:05d}.skipped.tsv").read_text())
-    merged = {key: np.concatenate(v) if v else np.zeros(0) for key, v in arrays.items()}
+    skipped_lines = [(parts_dir / f"part-{k:05d}.skipped.tsv").read_text()
+                     for k in range(len(parts))]
     atomic_write_text(skipped_path, "id\treason\n" + "".join(skipped_lines))
-    atomic_savez(out_path, **merged)
+    extracted = _merge_parts(out_path, [parts_dir / f"part-{k:05d}.npz" for k in range(len(parts))])
     n_skipped = sum(text.count("\n") for text in skipped_lines)
     atomic_write_json(meta_path, {**asdict(config), "fingerprint": fingerprint,
-                                  "requested": len(ids), "extracted": len(merged["ids"]),
+                                  "requested": len(ids), "extracted": extracted,
                                   "skipped": n_skipped, "patch_size": extractor.patch_size,
                                   "dim": dim, "xy": "normalised (x / width, y / height)"})
     shutil.rmtree(parts_dir)
@@ -396,6 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, default=defaults.resolution)
     parser.add_argument("--saliency", choices=SALIENCIES, default=defaults.saliency)
     parser.add_argument("--dtype", choices=("float16", "float32"), default=defaults.dtype)
+    parser.add_argument("--detector", help="AMES detector checkpoint, path or URL (saliency "
+                                           "ames_detector; default: the published one)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--part-images", type=int, default=10_000)
@@ -404,8 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = LocalDescriptorConfig(model=args.model, num_descriptors=args.num_descriptors,
                                    resolution=args.resolution, saliency=args.saliency,
-                                   dtype=args.dtype)
-    extractor = DinoLocalExtractor(args.model, device=args.device, saliency=args.saliency)
+                                   dtype=args.dtype, detector=args.detector)
+    extractor = DinoLocalExtractor(args.model, device=args.device, saliency=args.saliency,
+                                   detector=args.detector)
     extract_local_descriptors(extractor, read_items_tsv(args.images, args.root), args.out, config,
                               batch_size=args.batch_size, num_workers=args.workers,
                               part_images=args.part_images)

@@ -8,24 +8,33 @@ in ``baselines/local_features.py`` look the descriptors up by image id.
 Local descriptors on disk are one ``.npz`` per image set (see :func:`save_local_descriptors`)::
 
     ids          str   [N]        image (or query) ids
-    descriptors  float [N, M, D]  descriptors of each image, padded to M rows
+    descriptors  float [N, M, D]  descriptors of each image, padded to M rows (float16 from the
+                                  extractor)
     xy           float [N, M, 2]  patch centre (x, y) of each descriptor, in normalised image
                                   coordinates ([0, 1], so thresholds do not depend on image size)
     counts       int   [N]        valid rows of image i are descriptors[i, :counts[i]]
 
 Descriptors need not be normalised: both scores compare them by cosine.
+
+Scale: ILIAS's Table 3a needs the descriptors of every image in the union of the image queries'
+top-1k shortlists, up to about 1.2M images x 100 x 768, 185 GB in float16. The file is therefore
+an uncompressed ``.npz`` written in row blocks (:class:`quari.store.NpzWriter`), and
+:func:`load_local_descriptors` memory-maps ``descriptors`` and ``xy`` in their stored dtype; a
+re-ranker copies out only each query's candidates (:meth:`LocalDescriptors.gather`) and converts
+those to float32. Every ``.npz`` with these keys loads, old and compressed ones included.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from quari.store import atomic_savez
+from quari.store import (NpzFormatError, NpzWriter, atomic_write_npz, load_npz_array,
+                         read_npz_arrays)
 
 #: RANSAC hypotheses whose sample spans (twice) less area than this are degenerate and skipped
 _DEGENERATE = 1e-9
@@ -33,14 +42,23 @@ _DEGENERATE = 1e-9
 
 @dataclass
 class LocalDescriptors:
-    """Padded local descriptors of a set of images, found by id."""
+    """Padded local descriptors of a set of images, found by id.
+
+    ``descriptors`` and ``xy`` may be read-only memory maps in the stored dtype (what
+    :func:`load_local_descriptors` returns by default): read rows with :meth:`gather` or
+    :meth:`image`, never the whole array.
+    """
 
     ids: list[str]
-    descriptors: np.ndarray  # [N, M, D]
+    descriptors: np.ndarray  # [N, M, D], float16 memmap as loaded by default
     xy: np.ndarray           # [N, M, 2]
     counts: np.ndarray       # [N] int
 
     def __post_init__(self):
+        if not (len(self.ids) == len(self.descriptors) == len(self.xy) == len(self.counts)):
+            raise ValueError(f"{len(self.ids)} ids, {len(self.descriptors)} descriptor rows, "
+                             f"{len(self.xy)} xy rows and {len(self.counts)} counts: one each "
+                             "per image is required")
         self.row_of = {i: r for r, i in enumerate(self.ids)}
         if len(self.row_of) != len(self.ids):
             raise ValueError("local descriptor ids are not unique")
@@ -53,28 +71,82 @@ class LocalDescriptors:
         return np.array([self.row_of[i] for i in ids], dtype=np.int64)
 
     def image(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """(descriptors [m, D], xy [m, 2]) of one image, padding removed."""
+        """(descriptors [m, D], xy [m, 2]) of one image, padding removed (views, stored dtype)."""
         m = int(self.counts[row])
         return self.descriptors[row, :m], self.xy[row, :m]
 
+    def gather(self, rows: Sequence[int] | np.ndarray, width: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Copies of (descriptors [K, w, D], xy [K, w, 2], counts [K]) of ``rows``, in the stored
+        dtype, with w = ``width`` (default: the padded M) leading descriptor rows of each image.
+
+        The rows are read in increasing order, so a memory-mapped file is read front to back
+        whatever the order of ``rows``; only these K images are read.
+        """
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        w = self.descriptors.shape[1] if width is None else int(width)
+        desc = np.empty((len(rows), w, self.descriptors.shape[2]), dtype=self.descriptors.dtype)
+        xy = np.empty((len(rows), w, 2), dtype=self.xy.dtype)
+        for k in np.argsort(rows, kind="stable"):
+            desc[k] = self.descriptors[rows[k], :w]
+            xy[k] = self.xy[rows[k], :w]
+        return desc, xy, np.asarray(self.counts)[rows]
+
 
 def save_local_descriptors(path: str | os.PathLike, ids: Sequence[str], descriptors: np.ndarray,
-                           xy: np.ndarray, counts: np.ndarray | None = None) -> None:
-    """Write the ``.npz`` layout described in the module docstring (atomically)."""
-    descriptors = np.asarray(descriptors)
+                           xy: np.ndarray, counts: np.ndarray | None = None,
+                           extra: Mapping[str, np.ndarray] | None = None) -> None:
+    """Write the ``.npz`` layout described in the module docstring, atomically and streamed.
+
+    ``descriptors`` keep their dtype and, like ``xy`` (stored as float32), are copied in blocks
+    (a memory-mapped input is never read whole); ``counts`` (default: every row valid) is
+    stored as int64. ``extra`` holds further per-image arrays stored beside them (the
+    extractor's ``image_sizes``).
+    """
+    descriptors, xy = np.asanyarray(descriptors), np.asanyarray(xy)
     counts = np.full(len(ids), descriptors.shape[1]) if counts is None else np.asarray(counts)
-    if not (len(ids) == len(descriptors) == len(xy) == len(counts)):
-        raise ValueError("ids, descriptors, xy and counts must have one entry per image")
-    atomic_savez(path, ids=np.asarray(ids, dtype=str), descriptors=descriptors,
-                 xy=np.asarray(xy, dtype=np.float32), counts=counts.astype(np.int64))
+    extra = {k: np.asarray(v) for k, v in (extra or {}).items()}
+    if not (len(ids) == len(descriptors) == len(xy) == len(counts)
+            and all(len(v) == len(ids) for v in extra.values())):
+        raise ValueError("ids, descriptors, xy, counts and extra arrays must have one entry per "
+                         "image")
+    reserved = {"ids", "descriptors", "xy", "counts"} & set(extra)
+    if reserved:
+        raise ValueError(f"extra arrays may not be called {sorted(reserved)}")
+
+    def fill(npz: NpzWriter) -> None:
+        npz.write("ids", np.asarray(list(ids), dtype=str))
+        npz.write("counts", counts, np.int64)
+        for name, array in extra.items():
+            npz.write(name, array)
+        npz.write("descriptors", descriptors)
+        npz.write("xy", xy, np.float32)
+
+    atomic_write_npz(path, fill)
 
 
-def load_local_descriptors(path: str | os.PathLike) -> LocalDescriptors:
-    """Read a file written by :func:`save_local_descriptors` into memory (float32)."""
-    with np.load(path) as f:
-        return LocalDescriptors(ids=f["ids"].tolist(),
-                                descriptors=f["descriptors"].astype(np.float32),
-                                xy=f["xy"].astype(np.float32), counts=f["counts"].astype(np.int64))
+def load_local_descriptors(path: str | os.PathLike, mmap: bool = True) -> LocalDescriptors:
+    """Read a file written by :func:`save_local_descriptors` (or the extractor).
+
+    ``mmap=True`` (default): ``descriptors`` and ``xy`` are read-only memory maps onto the
+    file, in the stored dtype (float16 from the extractor); only ``ids`` and ``counts`` are
+    read. A file whose arrays are compressed (``np.savez_compressed``) cannot be mapped and is
+    read into memory instead (logged). ``mmap=False``: everything in memory as float32.
+    A truncated or corrupt file raises :class:`quari.store.NpzFormatError` naming it.
+    """
+    small = read_npz_arrays(path, ["ids", "counts"])
+    if mmap:
+        descriptors = load_npz_array(path, "descriptors")
+        xy = load_npz_array(path, "xy")
+    else:
+        big = read_npz_arrays(path, ["descriptors", "xy"])
+        descriptors = big["descriptors"].astype(np.float32, copy=False)
+        xy = big["xy"].astype(np.float32, copy=False)
+    try:
+        return LocalDescriptors(ids=small["ids"].tolist(), descriptors=descriptors, xy=xy,
+                                counts=small["counts"].astype(np.int64))
+    except ValueError as err:
+        raise NpzFormatError(f"{path}: {err}") from err
 
 
 # -- Chamfer similarity --------------------------------------------------------------------------
@@ -91,10 +163,11 @@ def chamfer_similarities(query_desc: torch.Tensor, db_desc: torch.Tensor,
     descriptor (so it is not symmetric). ``db_desc`` is [K, M, D] padded; only the first
     ``db_counts[k]`` rows of candidate k count. A candidate with no descriptors scores -1, the
     lowest possible cosine. Candidates are processed in chunks of about ``chunk_elements``
-    similarities to bound memory.
+    similarities to bound memory; ``db_desc`` may be float16 (as stored) and on the CPU: each
+    chunk is moved to the query's device and converted to float32 on its own.
     """
     q = torch.nn.functional.normalize(torch.as_tensor(query_desc, dtype=torch.float32), dim=-1)
-    db = torch.as_tensor(db_desc, dtype=torch.float32, device=q.device)
+    db = torch.as_tensor(db_desc)
     k, m = db.shape[:2]
     counts = (torch.full((k,), m, device=q.device) if db_counts is None
               else torch.as_tensor(db_counts, device=q.device))
@@ -103,7 +176,8 @@ def chamfer_similarities(query_desc: torch.Tensor, db_desc: torch.Tensor,
     step = max(1, chunk_elements // max(1, m * q.shape[0]))
     out = []
     for start in range(0, k, step):
-        x = torch.nn.functional.normalize(db[start:start + step], dim=-1)
+        x = torch.nn.functional.normalize(db[start:start + step].to(q.device, torch.float32),
+                                          dim=-1)
         sim = torch.einsum("kmd,nd->kmn", x, q)  # [k, M, Nq]
         pad = torch.arange(m, device=q.device)[None, :] >= counts[start:start + step, None]
         sim = sim.masked_fill(pad[:, :, None], -float("inf"))
@@ -115,8 +189,9 @@ def chamfer_similarities(query_desc: torch.Tensor, db_desc: torch.Tensor,
 def chamfer_similarity(query_desc, db_desc) -> float:
     """Chamfer similarity of one query [Nq, D] to one database image [Nd, D] (see
     :func:`chamfer_similarities` for the definition)."""
-    db = torch.as_tensor(np.asarray(db_desc), dtype=torch.float32)
-    return float(chamfer_similarities(torch.as_tensor(np.asarray(query_desc)), db[None])[0])
+    db = torch.from_numpy(np.array(db_desc, dtype=np.float32))  # a copy: inputs may be memmaps
+    query = torch.from_numpy(np.array(query_desc, dtype=np.float32))
+    return float(chamfer_similarities(query, db[None])[0])
 
 
 # -- spatial verification -------------------------------------------------------------------------

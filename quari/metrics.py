@@ -27,6 +27,8 @@ __all__ = [
     "ilias_map_at_k",
     "inquire_metrics",
     "inquire_rerank_metrics",
+    "inquire_rerank_fullpool_metrics",
+    "inquire_rerank_fullpool_best_possible",
 ]
 
 
@@ -159,3 +161,60 @@ def inquire_rerank_metrics(ranked_relevance: Sequence[Sequence[int]]) -> dict[st
         ndcg.append(ndcg_at_k(rel, p, rel.size))
         rr.append(reciprocal_rank(rel))
     return {"mAP": float(np.mean(ap)), "nDCG": float(np.mean(ndcg)), "MRR": float(np.mean(rr))}
+
+
+def inquire_rerank_fullpool_metrics(ranked_relevance: Sequence[Sequence[int]],
+                                    num_positives: Sequence[int], k: int = 50,
+                                    query_ids: Sequence[str] | None = None) -> dict[str, float]:
+    """INQUIRE-Rerank's candidate lists scored the Fullrank way: mean AP@k, nDCG@k and MRR with
+    P = every positive of the query in the whole iNat24 pool (the Fullrank annotations).
+
+    This is how the INQUIRE repository scores a re-ranked shortlist in two-stage retrieval
+    (``src/eval_fullrank_two_stage.py``: re-rank a CLIP top-100, keep the top k = 50, pass
+    ``count_pos`` = all annotated positives), and what the QuARI paper's Table 3b column
+    reports, as its "best possible" row (65.6 mAP@50, not 100) shows: positives outside the
+    candidates can never be found (:func:`inquire_rerank_fullpool_best_possible`).
+
+    ``ranked_relevance[q]`` is query q's 0/1 relevance of its candidates in the new order,
+    ``num_positives[q]`` its P. AP@k divides by min(k, P), the ideal DCG counts min(k, P) hits
+    and MRR looks at the top k, as that script does. ``query_ids`` only name queries in errors.
+    A query with P = 0, or with more relevant candidates than P, is an error: its labels and
+    its count disagree (a wrong join between Rerank and Fullrank queries).
+    """
+    if not ranked_relevance:
+        raise ValueError("no queries to evaluate")
+    if len(ranked_relevance) != len(num_positives):
+        raise ValueError(f"{len(ranked_relevance)} ranked lists but {len(num_positives)} "
+                         "positive counts")
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    ap, ndcg, rr = [], [], []
+    for q, (rel, positives) in enumerate(zip(ranked_relevance, num_positives)):
+        rel = _as_relevance(rel)
+        name = repr(query_ids[q]) if query_ids is not None else f"#{q}"
+        if positives <= 0:
+            raise ValueError(f"query {name}: no positives in the pool (P = {positives})")
+        if rel.sum() > positives:
+            raise ValueError(f"query {name}: {int(rel.sum())} relevant candidates but only "
+                             f"{positives} positives in the pool")
+        ap.append(average_precision_at_k(rel, positives, k))
+        ndcg.append(ndcg_at_k(rel, positives, k))
+        rr.append(reciprocal_rank(rel[:k]))
+    return {"mAP": float(np.mean(ap)), "nDCG": float(np.mean(ndcg)), "MRR": float(np.mean(rr))}
+
+
+def inquire_rerank_fullpool_best_possible(relevant_in_candidates: Sequence[int],
+                                          num_positives: Sequence[int], num_candidates: int,
+                                          k: int = 50) -> dict[str, float]:
+    """The full-pool scores of the ideal re-ranking (each query's relevant candidates first): the
+    ceiling of any re-ranker of these candidate lists, Table 3b's "best possible" row.
+
+    ``relevant_in_candidates[q]`` counts query q's relevant candidates among its
+    ``num_candidates``; the order within the relevant (or irrelevant) ones does not matter.
+    """
+    ideal = []
+    for hits in relevant_in_candidates:
+        if not 0 <= hits <= num_candidates:
+            raise ValueError(f"{hits} relevant candidates in a list of {num_candidates}")
+        ideal.append(np.r_[np.ones(hits), np.zeros(num_candidates - hits)])
+    return inquire_rerank_fullpool_metrics(ideal, num_positives, k)

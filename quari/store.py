@@ -13,13 +13,21 @@ process never leaves a file that looks complete. Loading memory-maps the shards.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import struct
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -327,3 +335,237 @@ def load_positives(path: str | os.PathLike) -> dict[str, set[str]]:
 def atomic_savez(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     """``np.savez`` through :func:`atomic_write`."""
     atomic_write(path, _save_with(np.savez, **arrays))
+
+
+# --------------------------------------------------------------------------------------------
+# Uncompressed .npz files written and read without holding their big arrays in memory
+#
+# ``np.savez`` needs every array in memory and ``np.load`` reads a member whole. The local
+# descriptors of ILIAS's shortlisted images are about 185 GB in float16, so these write an
+# ``.npz`` (a zip of ``.npy`` members, as numpy writes it: ZIP_STORED, zip64) array by array,
+# large arrays row block by row block, and read a stored member back as a memory map of its
+# bytes inside the zip. The files remain ordinary ``.npz`` files that ``np.load`` reads.
+
+#: bytes converted and written per block when an array is streamed into an .npz
+NPZ_BLOCK_BYTES = 64 << 20
+#: array data in a written .npz starts at a multiple of this many bytes in the file, so a memory
+#: map of it is aligned for every dtype (numpy's own .npy headers use the same alignment)
+NPZ_ALIGNMENT = 64
+
+_LOCAL_FILE_HEADER = b"PK\x03\x04"
+_LOCAL_FILE_HEADER_SIZE = 30
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...], position: int) -> bytes:
+    """A version 1.0 ``.npy`` header for a C-ordered array, padded with spaces (as the format
+    allows) so that the array data after it starts at a multiple of :data:`NPZ_ALIGNMENT` in the
+    file when the header itself starts at byte ``position``."""
+    text = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                 "shape": tuple(int(s) for s in shape)})
+    magic = np.lib.format.magic(1, 0)
+    end = position + len(magic) + 2 + len(text) + 1  # magic, uint16 length, text, newline
+    text += " " * (-end % NPZ_ALIGNMENT) + "\n"
+    return magic + struct.pack("<H", len(text)) + text.encode("latin1")
+
+
+class NpzWriter:
+    """Writes an uncompressed ``.npz`` into an open, seekable binary file, one array at a time.
+
+    :meth:`write` stores a whole array (converted and written in blocks of about
+    :data:`NPZ_BLOCK_BYTES`, so a memory-mapped array is never read whole); :meth:`rows` stores
+    an array of a declared shape from row blocks given one after another, so it never needs to
+    exist in memory. Members are ``<name>.npy``, ZIP_STORED with zip64 extensions, as
+    ``np.savez`` writes them; :meth:`close` (or leaving the ``with`` block) writes the zip's
+    directory. Use :func:`atomic_write_npz` to write a file atomically.
+    """
+
+    def __init__(self, file: BinaryIO):
+        self._file = file
+        self._zip = zipfile.ZipFile(file, mode="w", compression=zipfile.ZIP_STORED,
+                                    allowZip64=True)
+        self.names: list[str] = []
+
+    def __enter__(self) -> "NpzWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._zip.close()
+
+    def write(self, name: str, array, dtype=None) -> None:
+        """Store ``array`` as ``name``, in ``dtype`` (default: its own), converted and written
+        block by block. ``array`` is an ndarray, a memmap, or any array-like with ``shape``,
+        ``dtype`` and slicing of its first axis (:class:`ShardedRows`); other values go
+        through ``np.asarray``."""
+        if not (hasattr(array, "shape") and hasattr(array, "dtype")):
+            array = np.asarray(array)
+        dtype = np.dtype(array.dtype if dtype is None else dtype)
+        if len(array.shape) == 0:  # a scalar: no rows to stream
+            with self._member(name, (), dtype) as member:
+                member.write(np.asarray(array, dtype=dtype).reshape(1).view(np.uint8))
+            return
+        with self.rows(name, array.shape, dtype) as append:
+            append(array)
+
+    @contextmanager
+    def rows(self, name: str, shape: Sequence[int], dtype
+             ) -> Iterator[Callable[[np.ndarray], None]]:
+        """Open array ``name`` of ``shape`` and ``dtype``; yields ``append``, which takes blocks
+        of rows in order (array-likes as :meth:`write` takes; trailing dimensions
+        ``shape[1:]``; converted to ``dtype``, and a large block is read in slices).
+        Leaving the ``with`` block checks that exactly ``shape[0]`` rows were appended."""
+        dtype, shape = np.dtype(dtype), tuple(int(s) for s in shape)
+        if not shape:
+            raise ValueError(f"array {name!r}: rows need at least one dimension")
+        row_shape = shape[1:]
+        row_bytes = max(1, dtype.itemsize * int(np.prod(row_shape, dtype=np.int64)))
+        block_rows = max(1, NPZ_BLOCK_BYTES // row_bytes)
+        written = 0
+
+        with self._member(name, shape, dtype) as member:
+            def append(block) -> None:
+                nonlocal written
+                if not (hasattr(block, "shape") and hasattr(block, "dtype")):
+                    block = np.asarray(block)
+                if tuple(block.shape[1:]) != row_shape or len(block.shape) != len(shape):
+                    raise ValueError(f"array {name!r}: block of shape {tuple(block.shape)}, "
+                                     f"expected rows of shape {row_shape}")
+                if written + block.shape[0] > shape[0]:
+                    raise ValueError(f"array {name!r}: more than the declared {shape[0]} rows")
+                for start in range(0, block.shape[0], block_rows):
+                    part = np.ascontiguousarray(block[start:start + block_rows], dtype=dtype)
+                    member.write(part.reshape(-1).view(np.uint8))
+                written += block.shape[0]
+
+            yield append
+            if written != shape[0]:
+                raise ValueError(f"array {name!r}: {written} rows appended, {shape[0]} declared")
+
+    @contextmanager
+    def _member(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> Iterator:
+        """The open zip member ``<name>.npy``, its ``.npy`` header written; closed on exit."""
+        if dtype.hasobject:
+            raise ValueError(f"array {name!r}: object arrays are not stored (no pickles)")
+        if any(s < 0 for s in shape):
+            raise ValueError(f"array {name!r}: invalid shape {shape}")
+        if name in self.names:
+            raise ValueError(f"array {name!r} is already in this .npz")
+        self.names.append(name)
+        member = self._zip.open(f"{name}.npy", mode="w", force_zip64=True)
+        try:
+            member.write(_npy_header(dtype, shape, self._file.tell()))
+            yield member
+        finally:
+            member.close()
+
+
+def atomic_write_npz(path: str | os.PathLike, fill: Callable[[NpzWriter], None]) -> None:
+    """Write an uncompressed ``.npz`` atomically: ``fill(writer)`` adds the arrays through an
+    :class:`NpzWriter` on a temporary file beside ``path``, which replaces ``path`` only once it
+    is complete (:func:`atomic_write`)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f, NpzWriter(f) as npz:
+            fill(npz)
+    atomic_write(path, write)
+
+
+class NpzFormatError(ValueError):
+    """An ``.npz`` file that cannot be read: truncated, corrupt, or not a zip archive."""
+
+
+def _not_complete(path, err: Exception) -> NpzFormatError:
+    return NpzFormatError(f"{path} is not a complete .npz file (truncated or corrupt: {err}); "
+                          "delete it and create it again")
+
+
+def read_npz_arrays(path: str | os.PathLike, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Arrays ``names`` of an ``.npz`` read into memory (``np.load``, no pickles). A truncated
+    or corrupt file raises :class:`NpzFormatError` and a missing array a KeyError, both naming
+    the file."""
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, EOFError, ValueError) as err:
+        raise _not_complete(path, err) from err
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise NpzFormatError(f"{path} is a single .npy array, not an .npz archive")
+    with npz:
+        missing = [n for n in names if n not in npz.files]
+        if missing:
+            raise KeyError(f"{path} holds no array {missing[0]!r}; it has {sorted(npz.files)}")
+        try:
+            return {n: npz[n] for n in names}
+        except (zipfile.BadZipFile, EOFError, ValueError, zlib.error) as err:
+            raise _not_complete(path, err) from err
+
+
+def memmap_npz_array(path: str | os.PathLike, name: str) -> np.ndarray | None:
+    """A read-only memory map of array ``name`` of an ``.npz`` file, or None when that member is
+    compressed (``np.savez_compressed``) and its bytes are not in the file as they are.
+
+    The member's data offset is the zip local header's (its size plus the name and extra
+    lengths it records) followed by the ``.npy`` header. Works for every uncompressed ``.npz``,
+    ``np.savez``'s included (their data may be unaligned, which numpy handles). An empty array
+    comes back as a read-only empty array (nothing can be mapped). Errors name the file.
+    """
+    path = Path(path)
+    member = f"{name}.npy"
+    with open(path, "rb") as f:
+        try:
+            archive = zipfile.ZipFile(f)
+        except zipfile.BadZipFile as err:
+            raise _not_complete(path, err) from err
+        with archive:
+            try:
+                info = archive.getinfo(member)
+            except KeyError:
+                raise KeyError(f"{path} holds no array {name!r}; it has "
+                               f"{sorted(n.removesuffix('.npy') for n in archive.namelist())}"
+                               ) from None
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:  # 0x1: encrypted
+            return None
+        f.seek(info.header_offset)
+        local = f.read(_LOCAL_FILE_HEADER_SIZE)
+        if len(local) < _LOCAL_FILE_HEADER_SIZE or local[:4] != _LOCAL_FILE_HEADER:
+            raise NpzFormatError(f"{path}: no zip local header for {member} at byte "
+                                 f"{info.header_offset}; the file is corrupt")
+        name_length, extra_length = struct.unpack("<HH", local[26:30])
+        start = info.header_offset + _LOCAL_FILE_HEADER_SIZE + name_length + extra_length
+        f.seek(start)
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:  # version 3 (utf-8 field names): let np.load read it
+                return None
+        except ValueError as err:
+            raise NpzFormatError(f"{path}: {member} has no valid .npy header ({err})") from err
+        offset = f.tell()
+    if dtype.hasobject:
+        raise NpzFormatError(f"{path}: {member} holds Python objects, which are not read")
+    nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if offset - start + nbytes != info.file_size or offset + nbytes > path.stat().st_size:
+        raise NpzFormatError(f"{path}: {member} declares {nbytes} bytes of data that its zip "
+                             "entry does not hold; the file is truncated or corrupt")
+    order = "F" if fortran else "C"
+    if nbytes == 0:
+        empty = np.empty(shape, dtype=dtype, order=order)
+        empty.flags.writeable = False
+        return empty
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+
+
+def load_npz_array(path: str | os.PathLike, name: str, mmap: bool = True) -> np.ndarray:
+    """Array ``name`` of an ``.npz``: memory-mapped (:func:`memmap_npz_array`) when ``mmap`` and
+    the member is stored uncompressed, otherwise read into memory (a compressed member is
+    logged, since it costs the whole array in memory)."""
+    if mmap:
+        mapped = memmap_npz_array(path, name)
+        if mapped is not None:
+            return mapped
+        logger.info("%s: array %r is compressed and cannot be memory-mapped; reading it into "
+                    "memory", path, name)
+    return read_npz_arrays(path, [name])[name]

@@ -94,17 +94,24 @@ def make_ilias(root: Path, distractors_per_shard: int = 6, mini_shards: int = 2,
 
 
 INQUIRE_QUERIES = [("3", "a red bird on a branch"), ("4", "the cat of the photo")]
+# the validation split's query: a non-ASCII letter and stray spaces, as in the official CSVs
+INQUIRE_VAL_QUERIES = [("9", "Hübner's  Wasp Moth mating ")]
 
 
 def make_inquire(root: Path, images_per_class: int = 4, dim: int = 24) -> dict:
-    """INQUIRE Fullrank CSVs, an iNat24 image folder and a clip-retrieval folder of the same pool
-    under ``root`` (= data_root/inquire); returns the pool ids and ground truth."""
+    """INQUIRE Fullrank CSVs (both splits; the official files carry a leading index column), an
+    iNat24 image folder and a clip-retrieval folder of the same pool under ``root``
+    (= data_root/inquire); returns the pool ids, the test split's ground truth (``truth``) and
+    the validation split's (``val_truth``)."""
     import pandas as pd
     root.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"query_id": [int(q) for q, _ in INQUIRE_QUERIES],
-                  "query_text": [t for _, t in INQUIRE_QUERIES],
-                  "supercategory": ["Context", "Behavior"], "category": ["x", "y"],
-                  "iconic_group": ["Birds", "Mammals"]}).to_csv(root / "inquire_queries_test.csv")
+    for name, queries in (("test", INQUIRE_QUERIES), ("val", INQUIRE_VAL_QUERIES)):
+        pd.DataFrame({"query_id": [int(q) for q, _ in queries],
+                      "query_text": [t for _, t in queries],
+                      "supercategory": ["Context", "Behavior"][:len(queries)],
+                      "category": ["x", "y"][:len(queries)],
+                      "iconic_group": ["Birds", "Mammals"][:len(queries)]}).to_csv(
+            root / f"inquire_queries_{name}.csv")
     pool = []
     for c, cls in enumerate(["00001_Animalia_Aves_a", "00002_Animalia_Mammalia_b"]):
         for i in range(images_per_class):
@@ -114,7 +121,9 @@ def make_inquire(root: Path, images_per_class: int = 4, dim: int = 24) -> dict:
             path.write_bytes(jpeg_bytes(100 + 10 * c + i))
             pool.append(rel)
     truth = {"3": pool[:2], "4": [pool[images_per_class]]}
-    rows = [(int(q), n, p) for q, ps in truth.items() for n, p in enumerate(ps)]
+    val_truth = {"9": pool[images_per_class:]}
+    rows = [(int(q), n, p) for q, ps in {**truth, **val_truth}.items() for n, p in enumerate(ps)]
+    rows.append((9, 99, val_truth["9"][0]))  # an image annotated twice counts once
     pd.DataFrame(rows, columns=["query_id", "image_id", "image_path"]).to_csv(
         root / "inquire_annotations.csv", index=False)
     emb = root / "embeddings" / "tiny"
@@ -129,16 +138,20 @@ def make_inquire(root: Path, images_per_class: int = 4, dim: int = 24) -> dict:
         pd.DataFrame({"image_path": [p[:-4] for p in part]}).to_parquet(
             emb / "metadata" / f"metadata_{n}.parquet")
         vectors.append(v)
-    return {"pool": pool, "truth": truth, "precomputed": str(emb),
+    return {"pool": pool, "truth": truth, "val_truth": val_truth, "precomputed": str(emb),
             "vectors": np.concatenate(vectors).astype(np.float32)}
 
 
-RERANK_QUERIES = ["a red bird", "photo of the cat"]
+# Fullrank's queries "9" (validation; here in decomposed Unicode, other case and spacing) and
+# "3" (test): Rerank's split need not follow Fullrank's, and its texts are matched loosely
+RERANK_QUERIES = ["hu\u0308bner's wasp moth Mating", "a red bird on a branch"]
 
 
 def make_rerank(path: Path, candidates: int = 5) -> dict:
     """An INQUIRE-Rerank split as parquet with the real column names and embedded images; the
-    two queries share one candidate image (ids repeat across queries, as in the benchmark)."""
+    two queries share one candidate image (ids repeat across queries, as in the benchmark).
+    Their relevant candidates (3 and 2) are at most their positives in :func:`make_inquire`'s
+    annotations (4 and 2)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     rows = {k: [] for k in ("image", "query", "relevant", "clip_score", "inat24_image_id",
@@ -292,6 +305,31 @@ def test_rerank_parquet_candidates_relevance_and_images(tmp_path):
     assert Path(items[0][1]).read_bytes() == jpeg_bytes(int(items[0][0]))
 
 
+def test_rerank_queries_find_their_full_pool_positives_by_text(tmp_path):
+    made = make_inquire(tmp_path / "inquire")
+    make_rerank(tmp_path / "rerank.parquet")
+    root = tmp_path / "inquire"
+    csvs = [root / "inquire_queries_val.csv", root / "inquire_queries_test.csv"]
+    annotations = root / "inquire_annotations.csv"
+    queries = inquire.read_rerank([tmp_path / "rerank.parquet"]).queries
+    counts = inquire.rerank_full_pool_positives(queries, csvs, annotations)
+    # "9" (validation split, written differently) and "3" (test split), distinct images only
+    assert counts == {RERANK_QUERIES[0]: len(set(made["val_truth"]["9"])),
+                      RERANK_QUERIES[1]: len(made["truth"]["3"])} == {RERANK_QUERIES[0]: 4,
+                                                                      RERANK_QUERIES[1]: 2}
+    # a query whose Fullrank counterpart is in a file not given is named
+    with pytest.raises(ValueError, match="1 INQUIRE-Rerank queries match no Fullrank query"
+                                         r".*hu\u0308bner's wasp moth Mating"):
+        inquire.rerank_full_pool_positives(queries, csvs[1:], annotations)
+    # two Fullrank ids with one text would make the join ambiguous
+    import pandas as pd
+    pd.DataFrame({"query_id": [5], "query_text": ["A red bird  on a branch"]}).to_csv(
+        tmp_path / "clash.csv")
+    with pytest.raises(ValueError, match="belongs to query 3 .* and to query 5"):
+        inquire.rerank_full_pool_positives(queries, [*csvs, tmp_path / "clash.csv"], annotations)
+    assert inquire.query_text_key(" A  red\tbird ") == "a red bird"
+
+
 def test_rerank_candidates_ranks_only_the_fixed_list(tmp_path):
     """Identity re-ranking of fixed candidates against a brute-force loop of the AP definition."""
     from baselines import get_method
@@ -318,6 +356,33 @@ def test_rerank_candidates_ranks_only_the_fixed_list(tmp_path):
         aps.append(sum(precisions) / len(relevant[q]))
     assert result["metrics"]["mAP@50"] == pytest.approx(np.mean(aps))
     assert result["shortlist"] == 10 and result["num_queries"] == 3
+    assert "full_pool" not in result
+
+    # the same ranking against all positives in the pool (P >= 4 relevant candidates), k = 5
+    pool_positives = {"qa": 4, "qb": 7, "qc": 60}
+    result = inquire.rerank_candidates(method, queries, gallery, candidates, relevant,
+                                       full_pool_positives=pool_positives, k=5)
+    aps = []
+    for n, q in enumerate(queries.ids):
+        rows = [int(c) for c in candidates[q]]
+        scores = gallery.embeddings[rows] @ queries.embeddings[n]
+        ranked = [candidates[q][j] for j in np.argsort(-scores, kind="stable")][:5]
+        hits, precision_sum = 0, 0.0
+        for rank, c in enumerate(ranked, 1):
+            if c in relevant[q]:
+                hits += 1
+                precision_sum += hits / rank
+        aps.append(precision_sum / min(5, pool_positives[q]))
+    full = result["full_pool"]
+    assert full["metrics"]["mAP@5"] == pytest.approx(np.mean(aps))
+    assert set(full["metrics"]) == {"mAP@5", "nDCG@5", "MRR"} and full["k"] == 5
+    assert full["num_positives"] == [4, 7, 60] and full["relevant_in_shortlist"] == [4, 4, 4]
+    with pytest.raises(ValueError, match="'qb': 4 relevant candidates but only 3 positives"):
+        inquire.rerank_candidates(method, queries, gallery, candidates, relevant,
+                                  full_pool_positives={**pool_positives, "qb": 3})
+    with pytest.raises(ValueError, match="no full-pool positive count"):
+        inquire.rerank_candidates(method, queries, gallery, candidates, relevant,
+                                  full_pool_positives={"qa": 4})
 
 
 def test_training_collections_readers(tmp_path):

@@ -45,9 +45,21 @@ def test_measured_points_use_each_panels_cost_unit():
         {"panel": "inquire", "method": "quari", "ms": 0.8, "accuracy": 50.0}]
 
 
+def test_inquire_rerank_points_use_the_paper_comparable_full_pool_scoring():
+    ev = rerank_eval("quari", "quari", "inquire", 0.9, 8.0)  # official Rerank AP: 90
+    ev["tasks"]["t2i"]["rerank_full_pool"] = {"metrics": {"mAP@50": 0.4}, "ms_per_1k_pairs": 8.0,
+                                              "ms_per_100_pairs": 0.8}
+    got = measured_cost_accuracy([ev])
+    assert got.to_dict("records") == [
+        {"panel": "inquire", "method": "quari", "ms": 0.8, "accuracy": 40.0}]
+
+
 def test_caption_names_the_hardware():
     caption = cost_accuracy_caption(["NVIDIA H100 80GB HBM3"], "real", "siglip-vit-l16@384")
     assert "NVIDIA H100 80GB HBM3" in caption and "real data" in caption
+    both = cost_accuracy_caption(["CPU"], "real", ("siglip-vit-l16@384", "siglip2-vit-l16@512"))
+    assert "siglip-vit-l16@384 (ILIAS), siglip2-vit-l16@512 (INQUIRE)" in both
+    assert "backbone syn-b;" in cost_accuracy_caption(["CPU"], "synthetic", ("syn-b", "syn-b"))
     with pytest.raises(ValueError, match="hardware"):
         cost_accuracy_caption([], "synthetic", "syn")
 

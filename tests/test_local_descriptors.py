@@ -1,6 +1,9 @@
 """DINOv2 local descriptor extraction on a tiny random DINOv2 saved locally and reloaded through
 from_pretrained: counts, shapes, norms, coordinates, the top-n selection against a brute-force
-recomputation from the model's outputs, resume, the skip list, and re-ranking with the result."""
+recomputation from the model's outputs (also through a random AMES detector saved in the
+official checkpoint layout), resume (also of an interrupted merge), the skip list, and
+re-ranking with the result; and the descriptor file itself: streamed writing against np.savez,
+memory-mapped loading against np.load, files written before, truncated files."""
 
 import json
 
@@ -10,9 +13,12 @@ import torch
 from PIL import Image
 
 from baselines.local_features import ChamferReranker
+from quari.ames import AMESDetector
 from quari.local_descriptors import (DinoLocalExtractor, LocalDescriptorConfig,
                                      extract_local_descriptors, main)
-from quari.local_matching import chamfer_similarity, load_local_descriptors
+from quari.local_matching import (chamfer_similarity, load_local_descriptors,
+                                  save_local_descriptors)
+from quari.store import NpzFormatError
 
 PATCH = 4
 RESOLUTION = 32
@@ -42,6 +48,32 @@ def tiny_dinov2(path, registers=0):
     return str(path)
 
 
+def tiny_detector(path, dim=32):
+    """A random AMES detector (non-trivial batch-norm statistics) saved as the official one is:
+    its state dict under 'state'."""
+    torch.manual_seed(1)
+    detector = AMESDetector(dim)
+    with torch.no_grad():
+        detector.bn.running_mean.normal_()
+        detector.bn.running_var.uniform_(0.5, 2.0)
+        detector.bn.weight.normal_()
+        detector.bn.bias.normal_()
+    torch.save({"state": detector.state_dict()}, path)
+    return str(path)
+
+
+def detector_equations(tokens, path):
+    """(descriptors, saliency) of tokens [P, D] from the detector's equations: a pointwise linear
+    map, batch norm with the running statistics, L2 normalisation; the saliency is
+    softplus(w . relu(x) + b) of the normalised-by-batch-norm (not L2) features."""
+    state = torch.load(path, weights_only=True)["state"]
+    x = tokens @ state["conv1.weight"][:, :, 0, 0].T + state["conv1.bias"]
+    x = (x - state["bn.running_mean"]) / torch.sqrt(state["bn.running_var"] + 1e-5) \
+        * state["bn.weight"] + state["bn.bias"]
+    logit = torch.relu(x) @ state["conv2.weight"][0, :, 0, 0] + state["conv2.bias"][0]
+    return x / x.norm(dim=-1, keepdim=True), torch.log1p(torch.exp(logit))
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
@@ -63,7 +95,7 @@ def model_dir(tmp_path_factory):
     return tiny_dinov2(tmp_path_factory.mktemp("dinov2"))
 
 
-def brute_force(model_dir, path, n, saliency, registers=0):
+def brute_force(model_dir, path, n, saliency, registers=0, detector=None):
     """Top-n patches of one image recomputed from the model's outputs with explicit loops."""
     from transformers import AutoModel
     model = AutoModel.from_pretrained(model_dir, attn_implementation="eager").eval()
@@ -82,8 +114,11 @@ def brute_force(model_dir, path, n, saliency, registers=0):
     with torch.no_grad():
         out = model(pixel_values=padded[None], output_attentions=True)
     tokens = out.last_hidden_state[0, 1 + registers:]
-    scores = (tokens.norm(dim=-1) if saliency == "norm"
-              else out.attentions[-1][0, :, 0, 1 + registers:].mean(0))
+    if saliency == "ames_detector":  # the detector's own descriptors, ranked by its score
+        tokens, scores = detector_equations(tokens, detector)
+    else:
+        scores = (tokens.norm(dim=-1) if saliency == "norm"
+                  else out.attentions[-1][0, :, 0, 1 + registers:].mean(0))
     candidates = []
     for r in range(rows):
         for c in range(cols):
@@ -97,13 +132,15 @@ def brute_force(model_dir, path, n, saliency, registers=0):
     return desc, xy, len(candidates), (w0, h0)
 
 
-@pytest.mark.parametrize("saliency,registers", [("norm", 0), ("cls_attention", 0), ("norm", 2)])
+@pytest.mark.parametrize("saliency,registers", [("norm", 0), ("cls_attention", 0), ("norm", 2),
+                                                ("ames_detector", 2)])
 def test_extraction_selects_the_top_n_patches(images, tmp_path, saliency, registers):
     model_dir = tiny_dinov2(tmp_path / "model", registers)
+    detector = tiny_detector(tmp_path / "detector.pt") if saliency == "ames_detector" else None
     n = 40  # more than some images have: their count is the number of valid patches
     config = LocalDescriptorConfig(model=model_dir, num_descriptors=n, resolution=RESOLUTION,
-                                   saliency=saliency, dtype="float32")
-    extractor = DinoLocalExtractor(model_dir, saliency=saliency)
+                                   saliency=saliency, dtype="float32", detector=detector)
+    extractor = DinoLocalExtractor(model_dir, saliency=saliency, detector=detector)
     out = tmp_path / "db.npz"
     got = extract_local_descriptors(extractor, images, out, config, batch_size=3, num_workers=0,
                                     progress=False)
@@ -114,7 +151,8 @@ def test_extraction_selects_the_top_n_patches(images, tmp_path, saliency, regist
     paths = dict(images)
     for row, name in enumerate(got.ids):
         desc, xy = got.image(row)
-        ref_desc, ref_xy, valid, size = brute_force(model_dir, paths[name], n, saliency, registers)
+        ref_desc, ref_xy, valid, size = brute_force(model_dir, paths[name], n, saliency, registers,
+                                                    detector)
         assert len(desc) == min(n, valid)
         np.testing.assert_allclose(np.linalg.norm(desc, axis=1), 1.0, atol=1e-5)
         np.testing.assert_allclose(xy, ref_xy, atol=1e-6)
@@ -138,8 +176,11 @@ def test_batches_do_not_change_descriptors(images, model_dir, tmp_path):
                                     num_workers=0, progress=False)
     many = extract_local_descriptors(extractor, images, tmp_path / "many.npz", config,
                                      batch_size=5, num_workers=0, progress=False)
-    assert one.descriptors.dtype == np.float32  # float16 on disk, float32 when read
-    np.testing.assert_allclose(one.descriptors, many.descriptors, atol=2e-3)
+    # float16 on disk, memory-mapped as stored; converted to float32 only when read in memory
+    assert one.descriptors.dtype == np.float16 and isinstance(one.descriptors, np.memmap)
+    assert load_local_descriptors(tmp_path / "one.npz", mmap=False).descriptors.dtype == np.float32
+    np.testing.assert_allclose(np.asarray(one.descriptors, np.float32),
+                               np.asarray(many.descriptors, np.float32), atol=2e-3)
     np.testing.assert_array_equal(one.xy, many.xy)
 
 
@@ -220,6 +261,14 @@ def test_rejects_a_model_that_is_not_dinov2(tmp_path):
         DinoLocalExtractor(str(tmp_path), saliency="entropy")
 
 
+def test_detector_must_fit_the_model(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="16-dimensional"):  # the tiny DINOv2 gives 32
+        DinoLocalExtractor(model_dir, saliency="ames_detector",
+                           detector=tiny_detector(tmp_path / "narrow.pt", dim=16))
+    with pytest.raises(ValueError, match="ames_detector"):  # a detector with another saliency
+        DinoLocalExtractor(model_dir, saliency="norm", detector=tiny_detector(tmp_path / "d.pt"))
+
+
 @pytest.mark.gpu
 def test_cuda_half_precision_matches_cpu(images, model_dir, tmp_path):
     if not torch.cuda.is_available():
@@ -235,3 +284,125 @@ def test_cuda_half_precision_matches_cpu(images, model_dir, tmp_path):
     for row in range(len(cpu.ids)):  # half precision may swap near-tied patches
         sim = gpu.image(row)[0] @ cpu.image(row)[0].T
         assert (sim.max(axis=1) > 0.99).mean() > 0.8
+
+
+# -- the descriptor file ---------------------------------------------------------------------------
+
+def descriptor_arrays(rng, images, n=6, dim=5):
+    return {"ids": [f"img{i}" for i in range(images)],
+            "descriptors": rng.standard_normal((images, n, dim)).astype(np.float16),
+            "xy": rng.random((images, n, 2)).astype(np.float32),
+            "counts": rng.integers(0, n + 1, images).astype(np.int64)}
+
+
+@pytest.mark.parametrize("images", [0, 1, 4])
+def test_saved_file_is_what_np_savez_writes_and_loads_memory_mapped(tmp_path, images):
+    rng = np.random.default_rng(images)
+    arrays = descriptor_arrays(rng, images)
+    sizes = rng.integers(1, 999, (images, 2))
+    save_local_descriptors(tmp_path / "d.npz", arrays["ids"], arrays["descriptors"], arrays["xy"],
+                           arrays["counts"], extra={"image_sizes": sizes})
+    np.savez(tmp_path / "ref.npz", ids=np.asarray(arrays["ids"], dtype=str),
+             counts=arrays["counts"], image_sizes=sizes, descriptors=arrays["descriptors"],
+             xy=arrays["xy"])
+    with np.load(tmp_path / "d.npz") as got, np.load(tmp_path / "ref.npz") as ref:
+        assert sorted(got.files) == sorted(ref.files)
+        for key in ref.files:
+            assert got[key].dtype == ref[key].dtype and got[key].shape == ref[key].shape
+            np.testing.assert_array_equal(got[key], ref[key])
+    mapped = load_local_descriptors(tmp_path / "d.npz")
+    in_memory = load_local_descriptors(tmp_path / "d.npz", mmap=False)
+    assert mapped.ids == in_memory.ids == arrays["ids"]
+    assert mapped.descriptors.dtype == np.float16 and in_memory.descriptors.dtype == np.float32
+    for array in (mapped.descriptors, mapped.xy):
+        assert not array.flags.writeable
+        if images:  # an empty array has nothing to map
+            assert isinstance(array, np.memmap)
+    np.testing.assert_array_equal(mapped.descriptors, arrays["descriptors"])
+    np.testing.assert_array_equal(in_memory.descriptors, arrays["descriptors"].astype(np.float32))
+    np.testing.assert_array_equal(mapped.xy, arrays["xy"])
+    np.testing.assert_array_equal(mapped.counts, arrays["counts"])
+    if images:  # gather: copies of any rows, any order, repeated, trimmed to a width
+        rows = np.array([images - 1, 0, images - 1])
+        desc, xy, counts = mapped.gather(rows, width=4)
+        assert not isinstance(desc, np.memmap) and desc.dtype == np.float16
+        np.testing.assert_array_equal(desc, arrays["descriptors"][rows, :4])
+        np.testing.assert_array_equal(xy, arrays["xy"][rows, :4])
+        np.testing.assert_array_equal(counts, arrays["counts"][rows])
+
+
+def test_files_written_before_still_load(tmp_path, caplog):
+    """The previous writer's np.savez files memory-map; compressed ones are read into memory,
+    with a note in the log; both give the arrays np.load gives."""
+    import logging
+
+    arrays = descriptor_arrays(np.random.default_rng(1), 3)
+    for name, save in (("old.npz", np.savez), ("compressed.npz", np.savez_compressed)):
+        save(tmp_path / name, ids=np.asarray(arrays["ids"]), descriptors=arrays["descriptors"],
+             xy=arrays["xy"], counts=arrays["counts"])
+        with caplog.at_level(logging.INFO, logger="quari.store"):
+            caplog.clear()
+            got = load_local_descriptors(tmp_path / name)
+        assert got.ids == arrays["ids"]
+        np.testing.assert_array_equal(got.descriptors, arrays["descriptors"])
+        np.testing.assert_array_equal(got.xy, arrays["xy"])
+        assert got.descriptors.dtype == np.float16
+        compressed = name == "compressed.npz"
+        assert isinstance(got.descriptors, np.memmap) != compressed
+        assert ("cannot be memory-mapped" in caplog.text) == compressed
+
+
+def test_a_truncated_file_is_named(tmp_path):
+    arrays = descriptor_arrays(np.random.default_rng(2), 4)
+    save_local_descriptors(tmp_path / "db.npz", arrays["ids"], arrays["descriptors"],
+                           arrays["xy"], arrays["counts"])
+    data = (tmp_path / "db.npz").read_bytes()
+    (tmp_path / "db.npz").write_bytes(data[:-40])  # cut inside the zip's directory
+    for mmap in (True, False):
+        with pytest.raises(NpzFormatError, match=r"db\.npz is not a complete \.npz"):
+            load_local_descriptors(tmp_path / "db.npz", mmap=mmap)
+    np.savez(tmp_path / "short.npz", ids=np.asarray(arrays["ids"]), counts=arrays["counts"],
+             descriptors=arrays["descriptors"][:3], xy=arrays["xy"])
+    with pytest.raises(NpzFormatError, match="short.npz.*4 ids, 3 descriptor rows"):
+        load_local_descriptors(tmp_path / "short.npz")
+
+
+def test_an_interrupted_merge_keeps_the_parts_and_resumes(images, model_dir, tmp_path,
+                                                          monkeypatch):
+    """The merge reads the parts one at a time; if it dies, the parts stay and no output
+    appears; the rerun only merges (nothing is extracted again)."""
+    import quari.local_descriptors as module
+
+    config = LocalDescriptorConfig(model=model_dir, num_descriptors=8, resolution=RESOLUTION)
+    extractor = DinoLocalExtractor(model_dir)
+    clean = extract_local_descriptors(extractor, images, tmp_path / "clean.npz", config,
+                                      part_images=2, num_workers=0, progress=False)
+    read_parts = []
+    real = module.load_npz_array
+
+    def dies_on_the_third_part(path, name, mmap=True):
+        read_parts.append((path.name, name))
+        if len(read_parts) == 4:  # [header of part 0], descriptors of parts 0, 1, 2
+            raise Interrupt
+        return real(path, name, mmap)
+
+    monkeypatch.setattr(module, "load_npz_array", dies_on_the_third_part)
+    out = tmp_path / "out.npz"
+    with pytest.raises(Interrupt):
+        extract_local_descriptors(extractor, images, out, config, part_images=2, num_workers=0,
+                                  progress=False)
+    assert read_parts == [("part-00000.npz", "descriptors"), ("part-00000.npz", "descriptors"),
+                          ("part-00001.npz", "descriptors"), ("part-00002.npz", "descriptors")]
+    assert not out.exists() and not list(tmp_path.glob(".out.npz.*"))  # no temporary left
+    assert len(list((tmp_path / "out.npz.parts").glob("part-*.npz"))) == 3
+    monkeypatch.setattr(module, "load_npz_array", real)
+    calls = []
+    counted = [(i, (lambda s=s: calls.append(s) or s)) for i, s in images]
+    resumed = extract_local_descriptors(extractor, counted, out, config, part_images=2,
+                                        num_workers=0, progress=False)
+    assert calls == [] and not (tmp_path / "out.npz.parts").exists()
+    assert isinstance(resumed.descriptors, np.memmap) and resumed.ids == clean.ids
+    for key in ("descriptors", "xy", "counts"):
+        np.testing.assert_array_equal(getattr(resumed, key), getattr(clean, key))
+    with np.load(out) as merged, np.load(tmp_path / "clean.npz") as reference:
+        np.testing.assert_array_equal(merged["image_sizes"], reference["image_sizes"])

@@ -60,6 +60,9 @@ def constructor_params(name, tmp_path):
     if name == "vlm_reranker":
         from .test_vlm_reranker import build_tiny_llava
         return {"model": "llava_1.5_13b", "path": build_tiny_llava(tmp_path / "tiny_llava")}
+    if name == "ames":  # a tiny random network in the official checkpoint layout (8-dim descriptors)
+        from .test_ames import save_tiny_ames_checkpoint
+        return {"checkpoint": save_tiny_ames_checkpoint(tmp_path / "ames.pt")}
     return FAST_PARAMS.get(name, {})
 
 

@@ -104,3 +104,93 @@ def test_inquire_fullrank_counts_missed_positives():
     assert out["mAP"] == pytest.approx(1 / 2)  # one hit at rank 1, / min(2, 3)
     assert out["nDCG"] == pytest.approx(1 / (1 + 1 / np.log2(3)))
     assert out["MRR"] == pytest.approx(1.0)
+
+
+# ---- INQUIRE-Rerank scored against every positive in the pool (the paper's Table 3b) ----------
+
+def brute_force_full_pool(ranked_relevance, num_positives, k):
+    """AP@k, nDCG@k and MRR@k per query written out from their definitions, then averaged."""
+    aps, ndcgs, rrs = [], [], []
+    for rel, p in zip(ranked_relevance, num_positives):
+        hits, precision_sum, dcg, rr = 0, 0.0, 0.0, 0.0
+        for rank in range(1, min(k, len(rel)) + 1):
+            if rel[rank - 1]:
+                hits += 1
+                precision_sum += hits / rank
+                dcg += 1 / np.log2(rank + 1)
+                rr = rr or 1 / rank
+        ideal = sum(1 / np.log2(rank + 1) for rank in range(1, min(k, p) + 1))
+        aps.append(precision_sum / min(k, p))
+        ndcgs.append(dcg / ideal)
+        rrs.append(rr)
+    return {"mAP": np.mean(aps), "nDCG": np.mean(ndcgs), "MRR": np.mean(rrs)}
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_full_pool_rerank_metrics_against_the_definitions(seed):
+    rng = np.random.default_rng(300 + seed)
+    lists, counts = [], []
+    for _ in range(6):
+        rel = (rng.random(100) < rng.uniform(0.0, 0.5)).astype(int)
+        lists.append(rel)
+        # P from "only the relevant candidates" to far more than k (most positives missed)
+        counts.append(max(1, int(rel.sum()) + int(rng.choice([0, 3, 40, 900]))))
+    for k in (10, 50, 100):
+        got = metrics.inquire_rerank_fullpool_metrics(lists, counts, k=k)
+        assert got == pytest.approx(brute_force_full_pool(lists, counts, k), abs=1e-12)
+        # and the official scikit-learn formulas of the INQUIRE repository on the top k
+        scores = np.linspace(1, 0, 100)
+        official = [official_ap_at_k(r, scores, p, k) for r, p in zip(lists, counts)]
+        assert got["mAP"] == pytest.approx(np.mean(official), abs=1e-12)
+        for r, p in zip(lists, counts):
+            if r[:k].sum() > 0:  # sklearn's nDCG is undefined without a hit
+                one = metrics.inquire_rerank_fullpool_metrics([r], [p], k=k)
+                assert one["nDCG"] == pytest.approx(
+                    official_ndcg_at_k(r[:k], scores[:k], p, k), abs=1e-12)
+
+
+def test_full_pool_rerank_known_values_and_p_larger_than_k():
+    # relevant at ranks 1 and 3 of 4 candidates; 10 positives in the pool, k = 2:
+    # AP@2 = (1/1) / min(2, 10); nDCG@2 = 1 / (1 + 1/log2(3)); MRR = 1
+    got = metrics.inquire_rerank_fullpool_metrics([[1, 0, 1, 0]], [10], k=2)
+    assert got == pytest.approx({"mAP": 0.5, "nDCG": 1 / (1 + 1 / np.log2(3)), "MRR": 1.0})
+    # the same list with P = 2: the official Rerank scoring over the whole list (k = 4)
+    assert metrics.inquire_rerank_fullpool_metrics([[1, 0, 1, 0]], [2], k=4) == pytest.approx(
+        metrics.inquire_rerank_metrics([[1, 0, 1, 0]]))
+    # a first hit beyond k gives no reciprocal rank (the top k is what is kept)
+    assert metrics.inquire_rerank_fullpool_metrics([[0, 0, 1]], [1], k=2)["MRR"] == 0.0
+    # only the order of the 0/1 relevance matters: what lies beyond k never counts
+    a = metrics.inquire_rerank_fullpool_metrics([[1, 0, 1, 1, 1]], [9], k=3)
+    b = metrics.inquire_rerank_fullpool_metrics([[1, 0, 1, 0, 0]], [9], k=3)
+    assert a == b
+
+
+def test_full_pool_rerank_rejects_counts_that_disagree_with_the_labels():
+    with pytest.raises(ValueError, match="'q1': 3 relevant candidates but only 2 positives"):
+        metrics.inquire_rerank_fullpool_metrics([[1, 0], [1, 1, 1]], [5, 2], k=50,
+                                                query_ids=["q0", "q1"])
+    with pytest.raises(ValueError, match="no positives in the pool"):
+        metrics.inquire_rerank_fullpool_metrics([[0, 0]], [0])
+    with pytest.raises(ValueError, match="2 ranked lists but 1 positive counts"):
+        metrics.inquire_rerank_fullpool_metrics([[1], [1]], [1])
+    with pytest.raises(ValueError, match="no queries"):
+        metrics.inquire_rerank_fullpool_metrics([], [])
+    # P smaller than the list but not than its relevant candidates is fine
+    assert metrics.inquire_rerank_fullpool_metrics([[0, 1, 0, 0]], [1], k=4)["mAP"] == 0.5
+
+
+def test_full_pool_best_possible_on_a_hand_made_case():
+    # three queries with 4 candidates each, k = 3:
+    #   2 relevant, P = 3 -> [1, 1, 0, 0]: AP = 2/3, nDCG = (1 + 1/log2 3) / (1 + 1/log2 3 + 1/2)
+    #   1 relevant, P = 1 -> [1, 0, 0, 0]: everything 1
+    #   0 relevant, P = 5 -> nothing can be found: 0
+    got = metrics.inquire_rerank_fullpool_best_possible([2, 1, 0], [3, 1, 5], 4, k=3)
+    ndcg_first = (1 + 1 / np.log2(3)) / (1 + 1 / np.log2(3) + 1 / 2)
+    assert got == pytest.approx({"mAP": (2 / 3 + 1 + 0) / 3, "nDCG": (ndcg_first + 1) / 3,
+                                 "MRR": 2 / 3})
+    # no ordering of the candidates does better (every arrangement of the first query)
+    import itertools
+    for order in set(itertools.permutations([1, 1, 0, 0])):
+        assert metrics.inquire_rerank_fullpool_metrics([order], [3], k=3)["mAP"] <= 2 / 3 + 1e-12
+    with pytest.raises(ValueError, match="5 relevant candidates in a list of 4"):
+        metrics.inquire_rerank_fullpool_best_possible([5], [9], 4)

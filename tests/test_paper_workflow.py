@@ -9,7 +9,8 @@
    core folder, INQUIRE CSVs, an INQUIRE-Rerank parquet, a clip-retrieval folder, COCO / CC12M /
    UnED) with a tiny random CLIP, SigLIP, DINOv2 and LLaVA loaded from local folders through the
    hub code path: locate -> ground truth -> embed (and local descriptors, extracted images) ->
-   mine -> train -> evaluate -> tables and figures.
+   mine -> train -> evaluate -> tables and figures; INQUIRE-Rerank scored both ways (official,
+   and against every positive in the pool, counted from the Fullrank CSVs of both splits).
 """
 
 import json
@@ -28,8 +29,10 @@ import yaml
 
 from quari.store import load_embedding_set, load_positives
 from tests.test_backbones import save_tiny_clip, save_tiny_siglip
-from tests.test_data_formats import make_collections, make_ilias, make_inquire, make_rerank
-from tests.test_local_descriptors import tiny_dinov2
+from tests.test_data_formats import (RERANK_QUERIES, make_collections, make_ilias, make_inquire,
+                                     make_rerank)
+from tests.test_ames import save_tiny_ames_checkpoint
+from tests.test_local_descriptors import tiny_detector, tiny_dinov2
 from tests.test_vlm_reranker import build_tiny_llava
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +62,23 @@ def scheduled_jobs(output: str) -> dict[str, list[str]]:
     return jobs
 
 
+def scheduled_inputs(output: str, rule_name: str) -> dict[str, list[str]]:
+    """``{first output: inputs}`` of every job of ``rule_name`` in a dry run's job listing."""
+    jobs: dict[str, list[str]] = {}
+    rule, inputs = None, []
+    for line in output.splitlines():
+        line = line.strip()
+        match = re.match(r"^(?:local)?rule (\w+):", line)
+        if match:
+            rule, inputs = match.group(1), []
+        elif rule == rule_name and line.startswith("input:"):
+            inputs = [i.strip() for i in line.split(":", 1)[1].split(",")]
+        elif rule == rule_name and line.startswith("output:"):
+            jobs[line.split(":", 1)[1].split(",")[0].strip()] = inputs
+            rule = None
+    return jobs
+
+
 def required_evaluations() -> set[str]:
     """Evaluation files the paper's Tables 1a, 1b and 2 need, read off paper_numbers.csv."""
     paper = pd.read_csv(PAPER)
@@ -84,15 +104,16 @@ def table_3b_open_vlms() -> set[str]:
 def table_3_reranker_evaluations() -> set[str]:
     """Evaluation files of Table 3a's local-feature rows and Table 3b's open-VLM rows."""
     paper = pd.read_csv(PAPER)
-    local = set(paper[paper["table"] == "3a"]["method"]) & {"chamfer", "spatial_verification"}
+    local = set(paper[paper["table"] == "3a"]["method"]) & {"chamfer", "spatial_verification",
+                                                             "ames"}
     return ({f"results/eval/ilias/siglip-vit-l16@384/{m}.json" for m in local}
             | {f"results/eval/inquire_rerank/siglip2-vit-l16@512/{m}.json"
                for m in table_3b_open_vlms()})
 
 
 def test_table_3_rerankers_are_all_open_rows_of_the_paper():
-    # 2 local-feature rows of 3a; BLIP-2, InstructBLIP, PaliGemma and three LLaVAs of 3b
-    assert len(table_3_reranker_evaluations()) == 2 + 6
+    # 3 local-feature rows of 3a (Chamfer, spatial verification, AMES); BLIP-2, InstructBLIP, PaliGemma and three LLaVAs of 3b
+    assert len(table_3_reranker_evaluations()) == 3 + 6
 
 
 def test_paper_config_schedules_the_whole_matrix(tmp_path):
@@ -106,11 +127,10 @@ def test_paper_config_schedules_the_whole_matrix(tmp_path):
     # 2: 4 backbones x {identity, quari} on inquire
     assert len(required_evaluations()) == 7 * 2 * 2 + 7 * 2 + 4 * 2
     config = yaml.safe_load((ROOT / "workflow/config/paper.yaml").read_text())
-    figure_backbone = config["figures"]["cost_accuracy"]["backbone"]
     matrix = {f"results/eval/{b}/{bb}/{m}.json" for block in config["evaluations"]
               for b in block["benchmarks"] for bb in block["backbones"] for m in block["methods"]}
-    # beyond the matrix, only what Figure 4 asks of its one backbone is evaluated
-    assert all(e in matrix or f"/{figure_backbone}/" in e for e in evaluations)
+    # nothing beyond the matrix is evaluated (Figure 4 draws from it)
+    assert evaluations <= matrix, sorted(evaluations - matrix)
     assert "results/eval/inquire_rerank/siglip2-vit-l16@512/quari.json" in evaluations
     # Table 3a's global-feature re-rankers and Table 4's fine-tuned backbone
     assert {f"results/eval/ilias/siglip-vit-l16@384/alpha_qe{n}.json" for n in (1, 2, 5)} <= evaluations
@@ -143,10 +163,26 @@ def test_paper_config_schedules_the_whole_matrix(tmp_path):
         "results/local_descriptors/ilias/siglip-vit-l16@384/database.npz"]
     # 3b: INQUIRE-Rerank's images extracted once, for its embedding and the VLMs alike
     assert jobs["extract_inquire_rerank_images"] == ["results/data/inquire_rerank_images"]
+    # 3b is also scored against all positives in the pool: every INQUIRE-Rerank evaluation (and
+    # only those) reads the Rerank manifest, which lists the Fullrank CSVs that count them
+    inputs = scheduled_inputs(run.stdout + run.stderr, "evaluate")
+    assert set(inputs) == evaluations
+    reads_labels = {e for e, i in inputs.items() if "results/data/inquire_rerank.json" in i}
+    assert reads_labels == {e for e in evaluations if e.startswith("results/eval/inquire_rerank/")}
+    assert len(reads_labels) == 2 + len(table_3b_open_vlms())
+    # Figure 4 draws ILIAS from Table 3a's setting (SigLIP-L's top-1k, local re-rankers included)
+    # and INQUIRE from Table 3b's (INQUIRE-Rerank on SigLIP2-L, the VLMs included)
+    figure4 = scheduled_inputs(run.stdout + run.stderr, "figure_cost_accuracy")
+    fig_inputs = set(figure4["figures/fig4_cost_accuracy.png"])
+    assert table_3_reranker_evaluations() <= fig_inputs
+    assert "results/eval/ilias/siglip-vit-l16@384/quari.json" in fig_inputs
+    assert "results/eval/inquire_rerank/siglip2-vit-l16@512/quari.json" in fig_inputs
+    assert not {i for i in fig_inputs if i.startswith("results/eval/ilias_mini/")
+                or (i.startswith("results/eval/ilias/") and "/siglip-vit-l16@384/" not in i)}
     # the local-feature re-rankers are evaluated on ILIAS only, the VLMs on INQUIRE-Rerank only
     for e in evaluations:
         method = e.split("/")[4].removesuffix(".json")
-        if method in ("chamfer", "spatial_verification"):
+        if method in ("chamfer", "spatial_verification", "ames"):
             assert e.startswith("results/eval/ilias/siglip-vit-l16@384/"), e
         if method in table_3b_open_vlms():
             assert e.startswith("results/eval/inquire_rerank/"), e
@@ -177,7 +213,9 @@ def tiny_real_config(data_root: Path, models: Path, precomputed: str) -> dict:
             "ilias": {"mini_shards": 2},
             "local_descriptors": {"model": str(models / "dinov2"), "resolution": 32,
                                   "query_descriptors": 12, "database_descriptors": 6,
-                                  "batch_size": 2, "num_workers": 0, "shortlist_margin": 2},
+                                  "batch_size": 2, "num_workers": 0, "shortlist_margin": 2,
+                                  "saliency": "ames_detector",
+                                  "detector": str(models / "ames_detector.pt")},
             "inquire": {"split": "test", "precomputed": {"tiny-clip": precomputed}},
             "collections": {"coco": {"format": "coco", "max_images": 6},
                             "cc12m": {"format": "webdataset"},
@@ -194,7 +232,7 @@ def tiny_real_config(data_root: Path, models: Path, precomputed: str) -> dict:
             {"benchmarks": ["inquire_rerank"], "backbones": ["tiny-siglip"],
              "methods": ["identity", "quari", "llava_1.5_13b"]},
             {"benchmarks": ["ilias"], "backbones": ["tiny-siglip"],   # Table 3a, local features
-             "methods": ["chamfer", "spatial_verification"]},
+             "methods": ["chamfer", "spatial_verification", "ames"]},
         ],
         "backbones": both,
         "evaluation": {"ilias": {"k": 10, "rerank_shortlist": 8}, "inquire": {"k": 5}},
@@ -204,6 +242,7 @@ def tiny_real_config(data_root: Path, models: Path, precomputed: str) -> dict:
                     "quari_uned": {"type": "quari", "training_set": "uned",
                                    "image_query_fraction": 1.0},
                     "chamfer": {}, "spatial_verification": {"iterations": 50},
+                    "ames": {"checkpoint": str(models / "ames.pt")},
                     "llava_1.5_13b": {"type": "vlm_reranker", "model": "llava_1.5_13b",
                                       "path": str(models / "llava"), "batch_size": 5}},
         "quari": {"model": {"hidden_dim": 16, "nhead": 2, "num_layers": 1, "num_steps": 1, "rank": 4},
@@ -225,6 +264,8 @@ def test_real_data_dag_end_to_end_on_generated_official_files(tmp_path):
     save_tiny_clip(models / "clip")
     save_tiny_siglip(models / "siglip")
     tiny_dinov2(models / "dinov2")
+    tiny_detector(models / "ames_detector.pt", dim=32)  # AMES's detector picks the patches
+    save_tiny_ames_checkpoint(models / "ames.pt", local_dim=32)
     build_tiny_llava(models / "llava")
     config = tmp_path / "tiny-real.yaml"
     config.write_text(yaml.safe_dump(tiny_real_config(data, models, inquire["precomputed"])))
@@ -276,7 +317,40 @@ def test_real_data_dag_end_to_end_on_generated_official_files(tmp_path):
     assert set(table2[table2["data"] == "real"]["metric"]) == {"mAP@5", "nDCG@5", "MRR"}
     table3 = pd.read_csv(res / "table3.csv")
     rerank_rows = table3[(table3["data"] == "real") & (table3["benchmark"] == "inquire")]
-    assert set(rerank_rows["setting"]) == {"rerank top-5"}  # the fixed candidate lists
+    # the fixed candidate lists, scored the official way and against every positive in the pool
+    assert set(rerank_rows["setting"]) == {"rerank top-5, official Rerank scoring",
+                                           "rerank top-5, full-pool scoring"}
+    manifest = json.loads((res / "data/inquire_rerank.json").read_text())
+    assert sorted(map(Path, manifest["fullrank_queries"])) == sorted(
+        data / "inquire" / f"inquire_queries_{s}.csv" for s in ("test", "val"))
+    # the backbone's full-pool scores, recomputed here from the made files: P of each Rerank
+    # query = its Fullrank query's annotated images (query "9" of the validation split, "3")
+    full_pool_p = {RERANK_QUERIES[0]: len(set(inquire["val_truth"]["9"])),
+                   RERANK_QUERIES[1]: len(inquire["truth"]["3"])}
+    backbone = json.loads((res / "eval/inquire_rerank/tiny-siglip/identity.json").read_text())
+    full = backbone["tasks"]["t2i"]["rerank_full_pool"]
+    text_queries = load_embedding_set(res / "embeddings/inquire_rerank/tiny-siglip/text_queries")
+    rerank_gallery = load_embedding_set(res / "embeddings/inquire_rerank/tiny-siglip/gallery")
+    row_of = rerank_gallery.index_of()
+    aps = []
+    for n, query in enumerate(text_queries.ids):
+        cands, relevant = rerank[query]
+        scores = [float(np.dot(np.asarray(rerank_gallery.embeddings[row_of[c]], np.float64),
+                               np.asarray(text_queries.embeddings[n], np.float64))) for c in cands]
+        ranked = [cands[j] for j in np.argsort(-np.asarray(scores), kind="stable")][:5]
+        hits, precision_sum = 0, 0.0
+        for rank, c in enumerate(ranked, 1):
+            if c in relevant:
+                hits += 1
+                precision_sum += hits / rank
+        aps.append(precision_sum / min(5, full_pool_p[query]))
+    assert full["num_positives"] == [full_pool_p[q] for q in text_queries.ids]
+    assert full["metrics"]["mAP@5"] == pytest.approx(np.mean(aps), abs=1e-3)
+    best = rerank_rows[(rerank_rows["method"] == "best_possible")
+                       & (rerank_rows["setting"] == "rerank top-5, full-pool scoring")]
+    ideal = [min(5, len(rerank[q][1])) / min(5, full_pool_p[q]) for q in text_queries.ids]
+    assert best.set_index("metric").loc["mAP@5", "value"] == pytest.approx(
+        100 * np.mean(ideal), abs=0.01)
     assert (work / "figures/fig3_tsne.png").stat().st_size > 0
 
     # Table 3a: DINOv2 descriptors of every image query, and of exactly the gallery images in
@@ -294,12 +368,12 @@ def test_real_data_dag_end_to_end_on_generated_official_files(tmp_path):
     assert (local / "tiny-siglip/shortlist_ids.txt").read_text().split() == shortlisted
     database = load_local_descriptors(local / "tiny-siglip/database.npz")
     assert database.ids == shortlisted and set(database.counts) == {6}
-    for method in ("chamfer", "spatial_verification"):  # image queries only, re-ranking only
+    for method in ("chamfer", "spatial_verification", "ames"):  # image queries, re-ranking only
         result = json.loads((res / f"eval/ilias/tiny-siglip/{method}.json").read_text())
         assert set(result["tasks"]) == {"i2i"} and set(result["tasks"]["i2i"]) == {"rerank"}
         assert result["tasks"]["i2i"]["rerank"]["shortlist"] == 8
     table3a = table3[(table3["data"] == "real") & (table3["benchmark"] == "ilias")]
-    assert {"chamfer", "spatial_verification"} <= set(table3a["method"])
+    assert {"chamfer", "spatial_verification", "ames"} <= set(table3a["method"])
     # Table 3b: the VLM re-ranked the benchmark's candidates, read from the extracted images
     images = dict(line.split("\t") for line in
                   (res / "data/inquire_rerank_images.tsv").read_text().splitlines())

@@ -226,3 +226,91 @@ def test_local_reranker_needs_gallery_ids(local_world):
     got = method.rerank(gallery[:1], gallery, np.array([[0, 1, 2]]), query_ids=["q0"])
     assert got[0, 1].item() == -np.inf  # ranked last, logged, not fatal
     assert torch.equal(got[0, [0, 2]], ref[0])
+
+
+class RowsRead:
+    """Stands in for a descriptor array: records which image rows are read, one at a time, and
+    fails if anything reads more than one row at once or the whole array."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype = array, array.shape, array.dtype
+        self.rows: set[int] = set()
+
+    def __len__(self):
+        return len(self.array)
+
+    def __getitem__(self, index):
+        row = index[0] if isinstance(index, tuple) else index
+        if not isinstance(row, (int, np.integer)):
+            raise AssertionError(f"more than one image read at once: {index!r}")
+        self.rows.add(int(row))
+        return self.array[index]
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the whole descriptor array was read")
+
+
+def reads_only_candidates(method, run, gallery_ids, shortlist):
+    """Run ``run()`` with the method's database arrays wrapped in RowsRead; check that only the
+    file rows of shortlisted images were read, and return run()'s result."""
+    db = method.database_
+    db.descriptors, db.xy = RowsRead(db.descriptors), RowsRead(db.xy)
+    try:
+        result = run()
+        wanted = {db.row_of[gallery_ids[r]] for r in np.ravel(shortlist)
+                  if gallery_ids[r] in db.row_of}
+        assert db.descriptors.rows <= wanted and db.descriptors.rows
+        assert db.xy.rows <= wanted
+    finally:
+        db.descriptors, db.xy = db.descriptors.array, db.xy.array
+    return result
+
+
+@pytest.mark.parametrize("cls", [ChamferReranker, SpatialVerificationReranker])
+def test_memory_mapped_and_in_memory_descriptors_score_the_same(local_world, cls, monkeypatch):
+    """The re-rankers memory-map the files by default and read only the shortlisted images'
+    rows; reading the files into memory (the behaviour before) gives the same scores."""
+    import functools
+
+    from quari import local_matching
+
+    gallery = np.zeros((5, 4), dtype=np.float32)
+    shortlist = np.array([[1, 0, 4], [3, 2, 1]])
+    mapped = cls(device="cpu").fit(None, **local_world["context"])
+    assert isinstance(mapped.database_.descriptors, np.memmap)
+    assert isinstance(mapped.queries_.descriptors, np.memmap)
+    scores = reads_only_candidates(
+        mapped, lambda: mapped.rerank(gallery[:2], gallery, shortlist, query_ids=["q0", "q1"]),
+        local_world["gallery_ids"], shortlist)
+    monkeypatch.setattr(local_matching, "load_local_descriptors",
+                        functools.partial(local_matching.load_local_descriptors, mmap=False))
+    in_memory = cls(device="cpu").fit(None, **local_world["context"])
+    assert type(in_memory.database_.descriptors) is np.ndarray
+    assert in_memory.database_.descriptors.dtype == np.float32
+    torch.testing.assert_close(
+        in_memory.rerank(gallery[:2], gallery, shortlist, query_ids=["q0", "q1"]), scores,
+        rtol=0, atol=1e-6)
+
+
+def test_chamfer_reads_float16_rows_and_converts_them(rng):
+    """Float16 candidates (as stored) score as their float32 conversion, on any chunking."""
+    query = rng.standard_normal((6, 8)).astype(np.float32)
+    db = rng.standard_normal((7, 5, 8)).astype(np.float16)
+    counts = rng.integers(1, 6, 7)
+    for chunk in (6 * 5, 6 * 5 * 3, 1 << 20):
+        got = chamfer_similarities(torch.from_numpy(query), torch.from_numpy(db),
+                                   torch.from_numpy(counts), chunk_elements=chunk)
+        ref = [chamfer_loop(query, db[i, :c].astype(np.float32)) for i, c in enumerate(counts)]
+        np.testing.assert_allclose(got.numpy(), ref, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_chamfer_on_cuda_matches_cpu(local_world):
+    """Candidates are gathered on the CPU in their stored dtype and moved chunk by chunk."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    gallery = np.zeros((5, 4), dtype=np.float32)
+    shortlist = np.array([[1, 0, 4, 2, 3], [3, 2, 1, 0, 4]])
+    scores = {device: ChamferReranker(device=device).fit(None, **local_world["context"]).rerank(
+        gallery[:2], gallery, shortlist, query_ids=["q0", "q1"]) for device in ("cpu", "cuda")}
+    torch.testing.assert_close(scores["cuda"], scores["cpu"], atol=1e-5, rtol=1e-5)

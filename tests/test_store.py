@@ -89,3 +89,157 @@ def test_a_sharded_set_loads_as_a_view_that_reads_like_the_concatenation(tmp_pat
     assert torch.equal(i_view, i_full) and torch.allclose(s_view, s_full)
     method = get_method("identity")(device="cpu")
     assert torch.allclose(method.rerank(queries, rows, gather[:3]), method.rerank(queries, x, gather[:3]))
+
+
+# -- streamed, uncompressed .npz files -------------------------------------------------------------
+
+def npz_arrays(rng, images):
+    """Arrays of the local-descriptor layout (and a few more dtypes) for ``images`` images."""
+    return {"ids": np.array([f"img-{i}" for i in range(images)], dtype=str),
+            "descriptors": rng.standard_normal((images, 5, 7)).astype(np.float16),
+            "xy": rng.random((images, 5, 2)).astype(np.float32),
+            "counts": rng.integers(0, 6, images).astype(np.int64),
+            "wide": rng.standard_normal((images, 3)),  # float64
+            "flags": rng.random(images) > 0.5}
+
+
+def streamed_npz(path, arrays, block_rows=2):
+    """Write ``arrays`` with NpzWriter: the 3-d ones appended ``block_rows`` rows at a time."""
+    from quari.store import atomic_write_npz
+
+    def fill(npz):
+        for name, array in arrays.items():
+            if array.ndim == 3:
+                with npz.rows(name, array.shape, array.dtype) as append:
+                    for start in range(0, len(array), block_rows):
+                        append(array[start:start + block_rows])
+            else:
+                npz.write(name, array)
+    atomic_write_npz(path, fill)
+
+
+@pytest.mark.parametrize("images", [0, 1, 5])
+def test_streamed_npz_reads_back_as_np_savez_writes_it(tmp_path, rng, images):
+    import zipfile
+
+    arrays = npz_arrays(rng, images)
+    streamed_npz(tmp_path / "streamed.npz", arrays)
+    np.savez(tmp_path / "reference.npz", **arrays)
+    with np.load(tmp_path / "streamed.npz") as got, np.load(tmp_path / "reference.npz") as ref:
+        assert got.files == ref.files == list(arrays)
+        for name in arrays:
+            assert got[name].dtype == ref[name].dtype == arrays[name].dtype
+            assert got[name].shape == ref[name].shape
+            np.testing.assert_array_equal(got[name], ref[name])
+    with zipfile.ZipFile(tmp_path / "streamed.npz") as archive:  # uncompressed members, CRCs valid
+        assert {i.compress_type for i in archive.infolist()} == {zipfile.ZIP_STORED}
+        assert archive.testzip() is None
+
+
+def test_a_memmapped_member_equals_np_load_and_is_aligned(tmp_path, rng):
+    from quari.store import NPZ_ALIGNMENT, load_npz_array, memmap_npz_array
+
+    arrays = npz_arrays(rng, 6)
+    streamed_npz(tmp_path / "streamed.npz", arrays, block_rows=4)
+    np.savez(tmp_path / "np_savez.npz", **arrays)  # files written before keep their layout
+    for name in ("streamed.npz", "np_savez.npz"):
+        for key, array in arrays.items():
+            mapped = memmap_npz_array(tmp_path / name, key)
+            assert isinstance(mapped, np.memmap) and not mapped.flags.writeable
+            assert mapped.dtype == array.dtype
+            np.testing.assert_array_equal(mapped, array)
+            if name == "streamed.npz":
+                assert mapped.offset % NPZ_ALIGNMENT == 0  # offset of the data in the file
+    # the memmap reads the file's bytes: change them on disk and the map sees it
+    mapped = load_npz_array(tmp_path / "streamed.npz", "descriptors")
+    with open(tmp_path / "streamed.npz", "r+b") as f:
+        f.seek(mapped.offset)
+        f.write(np.float16(1234.0).tobytes())
+    assert memmap_npz_array(tmp_path / "streamed.npz", "descriptors")[0, 0, 0] == 1234.0
+
+
+def test_a_compressed_member_is_read_into_memory(tmp_path, rng, caplog):
+    import logging
+
+    from quari.store import load_npz_array, memmap_npz_array
+
+    x = rng.standard_normal((4, 3)).astype(np.float16)
+    np.savez_compressed(tmp_path / "c.npz", x=x)
+    assert memmap_npz_array(tmp_path / "c.npz", "x") is None
+    with caplog.at_level(logging.INFO, logger="quari.store"):
+        got = load_npz_array(tmp_path / "c.npz", "x")
+    assert not isinstance(got, np.memmap) and got.dtype == np.float16
+    np.testing.assert_array_equal(got, x)
+    assert "compressed" in caplog.text and "c.npz" in caplog.text
+
+
+def test_truncated_or_missing_arrays_are_named(tmp_path, rng):
+    from quari.store import NpzFormatError, load_npz_array, read_npz_arrays
+
+    streamed_npz(tmp_path / "whole.npz", npz_arrays(rng, 5))
+    data = (tmp_path / "whole.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    for mmap in (True, False):
+        with pytest.raises(NpzFormatError, match="cut.npz.*truncated"):
+            load_npz_array(tmp_path / "cut.npz", "descriptors", mmap=mmap)
+    (tmp_path / "empty.npz").write_bytes(b"")
+    with pytest.raises(NpzFormatError, match="empty.npz"):
+        read_npz_arrays(tmp_path / "empty.npz", ["ids"])
+    for mmap in (True, False):
+        with pytest.raises(KeyError, match="whole.npz.*'nope'"):
+            load_npz_array(tmp_path / "whole.npz", "nope", mmap=mmap)
+
+
+def test_rows_must_match_the_declared_shape_and_a_failed_write_keeps_the_old_file(tmp_path, rng):
+    from quari.store import atomic_write_npz
+
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    atomic_write_npz(tmp_path / "a.npz", lambda npz: npz.write("x", x))
+    before = (tmp_path / "a.npz").read_bytes()
+
+    def too_few(npz):
+        with npz.rows("x", (6, 2, 3), np.float32) as append:
+            append(x)
+
+    def too_many(npz):
+        with npz.rows("x", (4, 2, 3), np.float32) as append:
+            append(x)
+
+    def wrong_width(npz):
+        with npz.rows("x", (5, 2, 4), np.float32) as append:
+            append(x)
+
+    for fill, message in ((too_few, "5 rows appended, 6 declared"),
+                          (too_many, "more than the declared 4 rows"),
+                          (wrong_width, r"expected rows of shape \(2, 4\)")):
+        with pytest.raises(ValueError, match=message):
+            atomic_write_npz(tmp_path / "a.npz", fill)
+        assert (tmp_path / "a.npz").read_bytes() == before  # untouched, no temporary left
+        assert [p.name for p in tmp_path.iterdir()] == ["a.npz"]
+
+
+def test_a_large_array_is_written_in_blocks(tmp_path, rng, monkeypatch):
+    """A memory-mapped input is copied block by block: the writer never asks for more rows at
+    once than fit in NPZ_BLOCK_BYTES."""
+    import quari.store as store
+
+    x = rng.standard_normal((50, 4, 8)).astype(np.float16)  # 64 bytes per row
+    np.save(tmp_path / "x.npy", x)
+    source = np.load(tmp_path / "x.npy", mmap_mode="r")
+    monkeypatch.setattr(store, "NPZ_BLOCK_BYTES", 64 * 7)
+    reads = []
+
+    class Recording:
+        shape, dtype, ndim = source.shape, source.dtype, source.ndim
+
+        def __getitem__(self, index):
+            reads.append(index)
+            return source[index]
+
+    def fill(npz):
+        with npz.rows("x", x.shape, x.dtype) as append:
+            append(Recording())
+    store.atomic_write_npz(tmp_path / "out.npz", fill)
+    assert all(isinstance(r, slice) and r.stop - r.start <= 7 for r in reads) and len(reads) == 8
+    with np.load(tmp_path / "out.npz") as f:
+        np.testing.assert_array_equal(f["x"], x)

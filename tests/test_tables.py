@@ -30,7 +30,9 @@ def paper_value(table, benchmark, setting, backbone, method, metric):
 
 
 def evaluation(method, method_type, backbone, benchmark="ilias", data="real", gallery=100_000_000,
-               i2i=0.1, t2i=0.2, rerank_extra=None):
+               i2i=0.1, t2i=0.2, rerank_extra=None, full_pool=None):
+    """An evaluation JSON as the harness writes it; ``full_pool`` (INQUIRE-Rerank only) adds the
+    full-pool scoring entry: its metrics (mAP@50 = ``full_pool["ap"]``) and per-query counts."""
     search = lambda v, k: {"metrics": {k: v}, "gallery_size": gallery, "ms_per_1k_pairs": 1.0,  # noqa: E731
                            "shortlist": "all"}
     rerank = lambda v, k: {"metrics": {k: v}, "shortlist": 1000, "ms_per_1k_pairs": 2.0,  # noqa: E731
@@ -43,6 +45,12 @@ def evaluation(method, method_type, backbone, benchmark="ilias", data="real", ga
                       "rerank": {"metrics": {"mAP@50": i2i, "nDCG@50": t2i, "MRR": 0.5},
                                  "shortlist": 100, "ms_per_1k_pairs": 2.0, "ms_per_100_pairs": 0.2,
                                  **(rerank_extra or {})}}})
+    if full_pool is not None:
+        tasks["t2i"]["rerank_full_pool"] = {
+            "metrics": {"mAP@50": full_pool["ap"], "nDCG@50": 0.3, "MRR": 0.4}, "k": 50,
+            "shortlist": 100, "ms_per_1k_pairs": 2.0, "ms_per_100_pairs": 0.2,
+            "shortlist_source": "benchmark",
+            **{k: v for k, v in full_pool.items() if k != "ap"}}
     return {"run_id": "r", "data": data, "benchmark": benchmark, "backbone": backbone,
             "method": method, "method_type": method_type, "gallery_size": gallery, "tasks": tasks}
 
@@ -110,6 +118,13 @@ def full_paper_run():
     for b in ("clip-vit-b16@224", "siglip-vit-l16@384"):
         evs += [evaluation(m, t, b, benchmark="inquire", gallery=5_000_000, i2i=v(), t2i=v())
                 for m, t in (("identity", "identity"), ("quari", "quari"))]
+    # Table 3b: INQUIRE-Rerank's fixed lists, scored both ways
+    counts = {"relevant_in_shortlist": [3, 0, 40], "num_positives": [3, 0, 40]}
+    for m, t in (("identity", "identity"), ("quari", "quari")):
+        evs.append(evaluation(m, t, "siglip2-vit-l16@512", benchmark="inquire", gallery=300,
+                              i2i=v(), rerank_extra={"shortlist_source": "benchmark", **counts},
+                              full_pool={"ap": v(), "relevant_in_shortlist": [3, 0, 40],
+                                         "num_positives": [30, 7, 41]}))
     return evs
 
 
@@ -141,15 +156,16 @@ def test_measured_rows_replace_reported_ones_and_deltas_are_right():
             assert r["delta"] == pytest.approx(r["value"] - expected, abs=1e-9)
             compared += 1
     # 1a: 7 backbones x 2 methods x (i2i@100M, t2i@100M); 1b: 14; 2: 2 x 2 x 3 metrics;
-    # 3a: all but AMES; 4: 6 rows x (ILIAS i2i@100M + 3 INQUIRE metrics)
-    assert compared == 28 + 14 + 12 + 7 + 24
+    # 3a: all but AMES; 3b: initial ranking, best possible and QuARI x 3 metrics (full-pool
+    # scoring only); 4: 6 rows x (ILIAS i2i@100M + 3 INQUIRE metrics)
+    assert compared == 28 + 14 + 12 + 7 + 9 + 24
     # what this run did not measure is reported, nothing else
     reported = {name: (lambda t: t[t["data"] == "paper (not run)"])(assemble_table(rows, PAPER, name))
                 for name in TABLES}
     assert set(reported["1"]["setting"]) == {"t2i@5M"}  # the run's ILIAS gallery is 100M
     assert set(reported["2"]["backbone"]) == {"clip-vit-l14@336", "siglip-so400m14@384"}
     assert set(reported["3"].loc[reported["3"]["table"] == "3a", "method"]) == {"ames"}
-    assert (reported["3"]["table"] == "3b").sum() == (PAPER["table"] == "3b").sum()
+    assert (reported["3"]["table"] == "3b").sum() == (PAPER["table"] == "3b").sum() - 9
     assert set(reported["4"]["setting"]) == {"t2i@5M"}
 
 
@@ -165,18 +181,78 @@ def test_table3a_row_names_map_onto_the_paper():
     assert (table["ms_per_1k_pairs"] == 2.0).all() and (table["shortlist"] == 1000).all()
 
 
-def test_table3b_is_compared_only_on_the_benchmark_shortlist():
+def test_table3b_is_compared_only_on_the_benchmark_shortlist_and_full_pool_scoring():
     own = [evaluation("quari", "quari", "siglip2-vit-l16@512", benchmark="inquire", i2i=0.456)]
     table = build_table(evaluation_rows(own), PAPER, "3")
     assert table["paper_value"].isna().all() and set(table["method"]) == {"quari"}
-    given = [evaluation("quari", "quari", "siglip2-vit-l16@512", benchmark="inquire", i2i=0.456,
-                        rerank_extra={"shortlist_source": "benchmark"})]
+    assert set(table["setting"]) == {"rerank top-100"}  # a backbone's own top-100
+    given = [evaluation("quari", "quari", "siglip2-vit-l16@512", benchmark="inquire", i2i=0.61,
+                        rerank_extra={"shortlist_source": "benchmark"},
+                        full_pool={"ap": 0.456, "relevant_in_shortlist": [1],
+                                   "num_positives": [9]})]
     table = build_table(evaluation_rows(given), PAPER, "3")
-    ap = table[table["metric"] == "mAP@50"].iloc[0]
-    assert (ap["table"], ap["backbone"], ap["method"]) == ("3b", "initial ranking from the benchmark",
-                                                          "quari_siglip2")
-    assert ap["delta"] == pytest.approx(0.0)
-    assert ap["ms_per_100_pairs"] == pytest.approx(0.2) and ap["shortlist"] == 100
+    assert set(table["table"]) == {"3b"} and len(table) == 6
+    assert set(table["backbone"]) == {"initial ranking from the benchmark"}
+    assert set(table["method"]) == {"quari_siglip2"}
+    # the full-pool scoring is the paper's column: compared
+    full = table[table["setting"] == "rerank top-100 (INQUIRE-Rerank)"].set_index("metric")
+    assert full.loc["mAP@50", "value"] == pytest.approx(45.6)
+    assert full.loc["mAP@50", "delta"] == pytest.approx(0.0)
+    assert full.loc["MRR", "paper_value"] == pytest.approx(0.76)
+    assert full.loc["MRR", "delta"] == pytest.approx(0.4 - 0.76)
+    # the official Rerank scoring stays visible, labelled, never compared
+    official = table[table["setting"] == "rerank top-100, official Rerank scoring"]
+    assert set(official["metric"]) == {"mAP@50", "nDCG@50", "MRR"}
+    assert official["paper_value"].isna().all() and official["delta"].isna().all()
+    assert official.set_index("metric").loc["mAP@50", "value"] == pytest.approx(61.0)
+    assert (table["ms_per_100_pairs"] == 0.2).all() and (table["shortlist"] == 100).all()
+
+
+def test_table3b_best_possible_rows_in_both_scorings():
+    # three queries: relevant candidates 2, 0, 5 of 100; positives in the pool 4, 3, 80
+    counts = {"relevant_in_shortlist": [2, 0, 5]}
+    evs = [evaluation(m, t, "siglip2-vit-l16@512", benchmark="inquire", gallery=300,
+                      rerank_extra={"shortlist_source": "benchmark", **counts,
+                                    "num_positives": [2, 0, 5]},
+                      full_pool={"ap": 0.2, **counts, "num_positives": [4, 3, 80]})
+           for m, t in (("identity", "identity"), ("quari", "quari"))]
+    table = build_table(evaluation_rows(evs), PAPER, "3")
+    best = table[table["method"] == "best_possible"]
+    assert len(best) == 6  # one row per metric and scoring, from the backbone's evaluation only
+    full = best[best["setting"] == "rerank top-100 (INQUIRE-Rerank)"].set_index("metric")
+    # by hand, k = 50: the ideal AP of a query is hits / min(50, P), so 2/4, 0 and 5/50
+    assert full.loc["mAP@50", "value"] == pytest.approx(round(100 * (2 / 4 + 0 + 5 / 50) / 3, 2))
+    ideal = lambda hits, p: (sum(1 / np.log2(r + 1) for r in range(1, hits + 1))  # noqa: E731
+                             / sum(1 / np.log2(r + 1) for r in range(1, min(50, p) + 1)))
+    assert full.loc["nDCG@50", "value"] == pytest.approx(
+        round(100 * (ideal(2, 4) + 0 + ideal(5, 80)) / 3, 2))
+    assert full.loc["MRR", "value"] == pytest.approx(round(2 / 3, 4))
+    assert full.loc["mAP@50", "paper_value"] == pytest.approx(65.6)
+    # the official scoring of the same lists: a query with a relevant candidate scores 100
+    official = best[best["setting"] == "rerank top-100, official Rerank scoring"]
+    assert official["value"].tolist() == pytest.approx([66.67, 66.67, 0.6667])
+    assert official["paper_value"].isna().all()
+
+
+def test_table3b_markdown_shows_both_scorings(tmp_path):
+    evs = [evaluation("identity", "identity", "siglip2-vit-l16@512", benchmark="inquire",
+                      gallery=300, i2i=0.5, rerank_extra={"shortlist_source": "benchmark"},
+                      full_pool={"ap": 0.333, "relevant_in_shortlist": [1],
+                                 "num_positives": [9]})]
+    write_table(evaluation_rows(evs), PAPER, "3", tmp_path / "t.csv", tmp_path / "t.md", "r")
+    md = (tmp_path / "t.md").read_text()
+    part = md.split("## Table 3b")[1]
+    assert "official Rerank scoring" in part and "P = every positive of the query" in part
+    head = next(line for line in part.splitlines() if line.startswith("| backbone"))
+    assert head.split(" | ")[2:5] == [f"rerank top-100 (INQUIRE-Rerank) {m}"
+                                      for m in ("mAP@50", "nDCG@50", "MRR")]
+    assert head.split(" | ")[5:8] == [f"rerank top-100, official Rerank scoring {m}"
+                                      for m in ("mAP@50", "nDCG@50", "MRR")]
+    initial = next(line for line in part.splitlines() if "| initial ranking |" in line)
+    assert initial.split(" | ")[2] == "33.3 (33.3)" and initial.split(" | ")[5] == "50"
+    # without measured real rows (the offline default) the note is not there
+    offline = to_markdown(assemble_table(evaluation_rows([]), PAPER, "3"), "Table 3")
+    assert "official Rerank scoring" not in offline
 
 
 def test_table4_ablations_map_and_stay_out_of_tables_1_to_3():

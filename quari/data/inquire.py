@@ -12,7 +12,9 @@
   candidate image) with columns ``image`` (a struct holding the encoded ``bytes``), ``query``,
   ``relevant`` (0/1), ``clip_score``, ``inat24_image_id``, ``inat24_file_name``, ... Each query
   has a fixed candidate list (100 images). A query's id is its text; an image's id is its
-  ``inat24_image_id``.
+  ``inat24_image_id``. Scored the paper's way (Table 3b), a Rerank query also needs its number
+  of positives in the whole pool: :func:`rerank_full_pool_positives` finds its Fullrank query
+  by text and counts that query's annotations.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +129,51 @@ def convert_clip_retrieval(folder: str | os.PathLike, out_dir: str | os.PathLike
     return rows
 
 
+def query_text_key(text: str) -> str:
+    """The form in which Rerank and Fullrank query texts are matched: Unicode NFC, runs of
+    whitespace collapsed to one space, no leading or trailing space, case-folded.
+
+    The official Fullrank CSVs need it: one test query ends with a space ("red fox showing signs
+    of sarcoptic mange "), one has a non-ASCII letter ("Hübner's Wasp Moth mating"); their 250
+    texts stay distinct under it (checked against the INQUIRE repository's CSVs).
+    """
+    return " ".join(unicodedata.normalize("NFC", str(text)).split()).casefold()
+
+
+def rerank_full_pool_positives(rerank_queries: Sequence[str],
+                               query_csvs: Sequence[str | os.PathLike],
+                               annotations_csv: str | os.PathLike) -> dict[str, int]:
+    """``{Rerank query: its number of positives in the whole iNat24 pool}``, for INQUIRE-Rerank's
+    full-pool scoring (:func:`quari.metrics.inquire_rerank_fullpool_metrics`).
+
+    INQUIRE-Rerank identifies a query only by its text, so each one is matched by text
+    (:func:`query_text_key`) to a Fullrank query of ``query_csvs`` (``inquire_queries_val.csv``
+    and ``inquire_queries_test.csv``: Rerank's 40 / 160 split need not follow Fullrank's
+    50 / 200), and its positives are the distinct images ``annotations_csv`` lists for that
+    query id (the INQUIRE repository counts them the same way, ``len(set(image_path))``).
+    A Rerank query without a Fullrank match is an error naming it: every Rerank query is one of
+    the 250 INQUIRE queries.
+    """
+    by_key: dict[str, tuple[str, str]] = {}  # text key -> (query id, file it came from)
+    for csv_path in query_csvs:
+        for query_id, text in read_queries(csv_path):
+            key = query_text_key(text)
+            seen = by_key.setdefault(key, (query_id, str(csv_path)))
+            if seen[0] != query_id:
+                raise ValueError(f"query text {text!r} belongs to query {seen[0]} ({seen[1]}) "
+                                 f"and to query {query_id} ({csv_path})")
+    matched = {q: by_key.get(query_text_key(q), (None, ""))[0] for q in rerank_queries}
+    unmatched = [q for q, query_id in matched.items() if query_id is None]
+    if unmatched:
+        raise ValueError(f"{len(unmatched)} INQUIRE-Rerank queries match no Fullrank query of "
+                         f"{[str(p) for p in query_csvs]} by text: {unmatched}")
+    positives = read_annotations(annotations_csv, sorted(set(matched.values())))
+    counts = {q: len(positives[query_id]) for q, query_id in matched.items()}
+    logger.info("%d INQUIRE-Rerank queries matched to Fullrank queries; %d to %d positives each",
+                len(counts), min(counts.values(), default=0), max(counts.values(), default=0))
+    return counts
+
+
 @dataclass
 class RerankSplit:
     """One INQUIRE-Rerank split: queries, each with its fixed candidates and relevant ones."""
@@ -194,7 +242,8 @@ def extract_rerank_images(parquet_files: Sequence[str | os.PathLike], out_dir: s
 
 
 def rerank_candidates(method, queries, gallery, candidates: dict[str, list[str]],
-                      relevant: dict[str, list[str]], batch_size: int = 64) -> dict:
+                      relevant: dict[str, list[str]], batch_size: int = 64,
+                      full_pool_positives: dict[str, int] | None = None, k: int = 50) -> dict:
     """INQUIRE-Rerank with ``method``: re-rank each query's fixed candidate list (not a cosine
     top-k) and score it as the benchmark does (plain AP / nDCG / MRR over the list, P = relevant
     candidates; ``quari.metrics.inquire_rerank_metrics``).
@@ -202,6 +251,12 @@ def rerank_candidates(method, queries, gallery, candidates: dict[str, list[str]]
     ``queries`` and ``gallery`` are embedding sets whose ids are the query ids and candidate image
     ids. Returns metrics (mAP@50 / nDCG@50 / MRR keys, as the paper labels them), the list length
     and the re-ranking time per 1k and per 100 pairs (warm-up outside the timer).
+
+    With ``full_pool_positives`` (query -> positives in the whole pool, from
+    :func:`rerank_full_pool_positives`) the same ranking is also scored the paper's way
+    (``quari.metrics.inquire_rerank_fullpool_metrics``, cut-off ``k``), under the key
+    ``"full_pool"``: its metrics (mAP@k / nDCG@k / MRR), k, and per query the relevant candidates
+    and P, from which the best possible ordering's scores follow.
     """
     import time
 
@@ -245,11 +300,25 @@ def rerank_candidates(method, queries, gallery, candidates: dict[str, list[str]]
         qid = queries.ids[n]
         relevance.append(metrics.relevance_of(ranked[n], set(relevant[qid])))
     m = metrics.inquire_rerank_metrics(relevance)
-    return {"metrics": {"mAP@50": m["mAP"], "nDCG@50": m["nDCG"], "MRR": m["MRR"]},
-            "seconds": seconds, "ms_per_1k_pairs": 1e6 * seconds / pairs,
-            "ms_per_100_pairs": 1e5 * seconds / pairs, "shortlist": max(by_length),
-            "num_queries": len(queries), "gallery_size": len(gallery),
-            "shortlist_source": "benchmark",
-            # what the best possible ordering of these lists scores (quari.tables)
-            "relevant_in_shortlist": [int(sum(r)) for r in relevance],
-            "num_positives": [int(sum(r)) for r in relevance]}
+    hits = [int(sum(r)) for r in relevance]
+    full_pool = None
+    if full_pool_positives is not None:
+        query_ids = list(queries.ids)
+        missing = [q for q in query_ids if q not in full_pool_positives]
+        if missing:
+            raise ValueError(f"{len(missing)} queries have no full-pool positive count, "
+                             f"e.g. {missing[:3]}")
+        counts = [int(full_pool_positives[q]) for q in query_ids]
+        f = metrics.inquire_rerank_fullpool_metrics(relevance, counts, k, query_ids=query_ids)
+        full_pool = {"metrics": {f"mAP@{k}": f["mAP"], f"nDCG@{k}": f["nDCG"], "MRR": f["MRR"]},
+                     "k": k, "relevant_in_shortlist": hits, "num_positives": counts}
+    result = {"metrics": {"mAP@50": m["mAP"], "nDCG@50": m["nDCG"], "MRR": m["MRR"]},
+              "seconds": seconds, "ms_per_1k_pairs": 1e6 * seconds / pairs,
+              "ms_per_100_pairs": 1e5 * seconds / pairs, "shortlist": max(by_length),
+              "num_queries": len(queries), "gallery_size": len(gallery),
+              "shortlist_source": "benchmark",
+              # what the best possible ordering of these lists scores (quari.tables)
+              "relevant_in_shortlist": hits, "num_positives": hits}
+    if full_pool is not None:
+        result["full_pool"] = full_pool
+    return result

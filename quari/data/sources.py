@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from quari.data.downloads import (MissingDataError, RemoteFile, fetch, hf_file, hf_matching_files,
@@ -142,18 +143,24 @@ def locate_ilias_yfcc(cfg: dict, data_root: str | os.PathLike, download: bool) -
 QUERY_FILES = {"val": "inquire_queries_val.csv", "test": "inquire_queries_test.csv"}
 
 
-def locate_inquire(cfg: dict, data_root: str | os.PathLike, download: bool,
-                   precomputed: dict[str, str] | None = None) -> dict:
-    """Fullrank queries and annotations, and the iNat24 pool (images, or precomputed embeddings
-    per backbone from ``precomputed``: backbone -> clip-retrieval folder)."""
-    root = Path(data_root) / "inquire"
-    names = (QUERY_FILES[cfg["split"]], "inquire_annotations.csv")
+def _inquire_csvs(cfg: dict, root: Path, names: Sequence[str], download: bool) -> dict[str, str]:
+    """Local paths of INQUIRE's GitHub CSVs ``names`` (downloaded when asked, else required)."""
     files = {name: str(root / name) for name in names}
     if download:
         for name in names:
             fetch(RemoteFile(f"{cfg['csv_url'].rstrip('/')}/{name}", files[name]))
     else:
         require_files([(files[name], f"INQUIRE {name}") for name in names])
+    return files
+
+
+def locate_inquire(cfg: dict, data_root: str | os.PathLike, download: bool,
+                   precomputed: dict[str, str] | None = None) -> dict:
+    """Fullrank queries and annotations, and the iNat24 pool (images, or precomputed embeddings
+    per backbone from ``precomputed``: backbone -> clip-retrieval folder)."""
+    root = Path(data_root) / "inquire"
+    files = _inquire_csvs(cfg, root, (QUERY_FILES[cfg["split"]], "inquire_annotations.csv"),
+                          download)
     manifest = {"queries": files[QUERY_FILES[cfg["split"]]],
                 "annotations": files["inquire_annotations.csv"], "precomputed": {}}
     for backbone, folder in (precomputed or {}).items():
@@ -180,6 +187,17 @@ def locate_inat24_images(cfg: dict, root: Path, download: bool) -> str:
         tar.extractall(root, filter="data")
     done.write_text("ok\n")
     return str(root)
+
+
+def locate_inquire_labels(cfg: dict, data_root: str | os.PathLike, download: bool) -> dict:
+    """Fullrank's query CSVs of both splits and its annotations, never the iNat24 pool:
+    INQUIRE-Rerank's full-pool scoring counts each Rerank query's positives from them (a Rerank
+    query's split need not be its Fullrank split, so both are listed)."""
+    root = Path(data_root) / "inquire"
+    names = [QUERY_FILES[split] for split in sorted(QUERY_FILES)]
+    files = _inquire_csvs(cfg, root, [*names, "inquire_annotations.csv"], download)
+    return {"fullrank_queries": [files[name] for name in names],
+            "annotations": files["inquire_annotations.csv"]}
 
 
 def locate_inquire_rerank(cfg: dict, data_root: str | os.PathLike, download: bool) -> dict:

@@ -111,7 +111,7 @@ def training_set_of(method):
 QUARI_DATA_METHODS = ("quari", "finetuned_backbone")
 # Table 3 re-rankers that read more than embeddings (real data only): DINOv2 local descriptors
 # of ILIAS images (3a), INQUIRE-Rerank's candidate images and query texts (3b)
-LOCAL_FEATURE_METHODS = ("chamfer", "spatial_verification")
+LOCAL_FEATURE_METHODS = ("chamfer", "spatial_verification", "ames")
 VLM_METHODS = ("vlm_reranker",)
 # the one benchmark each of them runs on (their inputs are that benchmark's files)
 RERANKER_BENCHMARK = {**dict.fromkeys(LOCAL_FEATURE_METHODS, "ilias"),
@@ -177,11 +177,6 @@ def all_evaluations():
     return [f"results/eval/{b}/{bb}/{m}.json" for b, bb, m in evaluation_matrix()]
 
 
-def figure_evaluations(backbone):
-    """The evaluations of one backbone in the matrix (what Figure 4 can draw from)."""
-    return [f"results/eval/{b}/{bb}/{m}.json" for b, bb, m in evaluation_matrix() if bb == backbone]
-
-
 def get_training_set_files(wildcards):
     """Manifests of the collections a training set merges."""
     return [f"results/data/{c}.json" for c in config["real"]["training_sets"][wildcards.trainset]]
@@ -215,6 +210,22 @@ def _check_real_config():
 
 def figure_backbone(name):
     return config["figures"].get(name, {}).get("backbone", BACKBONES[-1])
+
+
+def cost_accuracy_backbones():
+    """Figure 4's backbone per panel: (ILIAS, INQUIRE); each defaults to `backbone`."""
+    fig = config["figures"].get("cost_accuracy", {})
+    backbone = figure_backbone("cost_accuracy")
+    return fig.get("ilias_backbone", backbone), fig.get("inquire_backbone", backbone)
+
+
+def cost_accuracy_evaluations():
+    """Figure 4's inputs: the ILIAS evaluations on the ILIAS panel's backbone and the INQUIRE
+    (Fullrank or Rerank) evaluations on the INQUIRE panel's backbone."""
+    ilias_bb, inquire_bb = cost_accuracy_backbones()
+    return [f"results/eval/{b}/{bb}/{m}.json" for b, bb, m in evaluation_matrix()
+            if (b == "ilias" and bb == ilias_bb)
+            or (b in ("inquire", "inquire_rerank") and bb == inquire_bb)]
 
 
 _check_config_early()

@@ -4,6 +4,11 @@
 rule evaluate:
     input:
         unpack(get_eval_inputs),
+        # INQUIRE-Rerank is also scored against all positives in the pool: its manifest lists the
+        # Fullrank query CSVs and annotations that give them
+        rerank_files=lambda wildcards: (
+            "results/data/inquire_rerank.json" if wildcards.benchmark == "inquire_rerank" else []
+        ),
     output:
         "results/eval/{benchmark}/{backbone}/{method}.json",
     log:

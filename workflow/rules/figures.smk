@@ -27,7 +27,7 @@ rule figure_tsne:
 
 rule figure_cost_accuracy:
     input:
-        evaluations=figure_evaluations(figure_backbone("cost_accuracy")),
+        evaluations=cost_accuracy_evaluations(),
         paper=PAPER_NUMBERS,
     output:
         png="figures/fig4_cost_accuracy.png",
@@ -36,7 +36,7 @@ rule figure_cost_accuracy:
         "results/logs/figures/fig4_cost_accuracy.log",
     params:
         data=config["data"],
-        backbone=figure_backbone("cost_accuracy"),
+        backbones=cost_accuracy_backbones(),
     conda:
         "../../environment.yml"
     script:

@@ -38,10 +38,11 @@ def main(smk):
         ("cpu" if p.device == "auto" else p.device)
     config = LocalDescriptorConfig(model=opts["model"], num_descriptors=n,
                                    resolution=opts["resolution"], saliency=opts["saliency"],
-                                   dtype=opts["dtype"])
+                                   detector=opts.get("detector"), dtype=opts["dtype"])
     log.info("%s: %d images, %d descriptors each, %s on %s", p.job, len(items), n, config.model,
              device)
-    extractor = DinoLocalExtractor(config.model, device=device, saliency=config.saliency)
+    extractor = DinoLocalExtractor(config.model, device=device, saliency=config.saliency,
+                                   detector=config.detector)
     extract_local_descriptors(extractor, items, smk.output.descriptors, config,
                               batch_size=opts["batch_size"], num_workers=opts["num_workers"],
                               part_images=opts["part_images"], progress=False)

@@ -11,7 +11,7 @@ from quari.tables import load_evaluations
 
 def main(smk):
     evaluations = load_evaluations(smk.input.evaluations)
-    caption = cost_accuracy_caption(hardware_of(evaluations), smk.params.data, smk.params.backbone)
+    caption = cost_accuracy_caption(hardware_of(evaluations), smk.params.data, smk.params.backbones)
     fig = plot_cost_accuracy(measured_cost_accuracy(evaluations),
                              paper_figure4_points(pd.read_csv(smk.input.paper)), caption)
     for out in (smk.output.png, smk.output.pdf):

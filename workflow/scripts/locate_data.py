@@ -24,7 +24,8 @@ def main(smk):
         manifest = sources.locate_inquire(real["inquire"], root, download,
                                           real["inquire"].get("precomputed", {}))
     elif dataset == "inquire_rerank":
-        manifest = sources.locate_inquire_rerank(real["inquire"], root, download)
+        manifest = {**sources.locate_inquire_rerank(real["inquire"], root, download),
+                    **sources.locate_inquire_labels(real["inquire"], root, download)}
     else:
         manifest = sources.locate_collection(dataset, real["collections"][dataset], root, download)
     log.info("%s: %s", dataset, manifest)
