@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quari.checkpoint import load_state_strict
 from quari.data.downloads import RemoteFile, check_file, fetch
 
 logger = logging.getLogger(__name__)
@@ -325,21 +326,6 @@ def config_from_state_dict(state: dict[str, torch.Tensor], nhead: int = 2) -> AM
         raise ValueError(f"not an AMES state dict (missing or malformed {err})") from err
 
 
-def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: Path) -> nn.Module:
-    """``module.load_state_dict(state, strict=True)`` with an error that names the file and lists
-    every missing, unexpected and misshapen key."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshapen = sorted(f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}"
-                       for k, v in expected.items() if k in state and state[k].shape != v.shape)
-    if missing or unexpected or misshapen:
-        raise ValueError(f"{source} does not fit {type(module).__name__}: missing keys {missing}; "
-                         f"unexpected keys {unexpected}; shape mismatches {misshapen}")
-    module.load_state_dict(state, strict=True)
-    return module.eval()
-
-
 def load_ames(path_or_url: str | os.PathLike = DINOV2_AMES_URL, binarized: bool | None = None,
               nhead: int = 2, device: torch.device | str = "cpu",
               cache_dir: str | os.PathLike | None = None, sha256: str | None = None,
@@ -362,7 +348,7 @@ def load_ames(path_or_url: str | os.PathLike = DINOV2_AMES_URL, binarized: bool 
     if config.model_dim % nhead:
         raise ValueError(f"{path}: width {config.model_dim} is not divisible by nhead={nhead}")
     logger.info("AMES from %s: %s", path, config)
-    return load_strict(AMES(config), state, path).to(device)
+    return load_state_strict(AMES(config), state, path).to(device)
 
 
 def load_ames_detector(path_or_url: str | os.PathLike = DINOV2_DETECTOR_URL,
@@ -376,4 +362,4 @@ def load_ames_detector(path_or_url: str | os.PathLike = DINOV2_DETECTOR_URL,
     if "conv1.weight" not in state:
         raise ValueError(f"{path} is not an AMES detector (no conv1.weight)")
     detector = AMESDetector(int(state["conv1.weight"].shape[0]))
-    return load_strict(detector, state, path).to(device).requires_grad_(False)
+    return load_state_strict(detector, state, path).to(device).requires_grad_(False)

@@ -75,19 +75,21 @@ def _check_state_dict(state: object, source: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_state(model: QuARI, state: dict[str, torch.Tensor], source: Path) -> QuARI:
-    """Load ``state`` into ``model`` strictly, with an error that lists every mismatch."""
-    expected = model.state_dict()
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor],
+                      source: str | os.PathLike) -> torch.nn.Module:
+    """``module.load_state_dict(state, strict=True)`` with an error that names ``source`` and
+    lists every missing, unexpected and misshapen key; returns the module in eval mode."""
+    expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = sorted(f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}"
                          for k, v in expected.items() if k in state and state[k].shape != v.shape)
     if missing or unexpected or wrong_shape:
-        raise ValueError(f"state dict in {source} does not fit the configured model: "
+        raise ValueError(f"state dict in {source} does not fit {type(module).__name__}: "
                          f"missing keys {missing}; unexpected keys {unexpected}; "
                          f"shape mismatches {wrong_shape}")
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    module.load_state_dict(state, strict=True)
+    return module.eval()
 
 
 def load_released(directory: str | os.PathLike) -> QuARI:
@@ -110,7 +112,7 @@ def load_released(directory: str | os.PathLike) -> QuARI:
                          f"(weights_only loading): {err}") from err
     state = _check_state_dict(state, weights)
     logger.info("loading released checkpoint %s (%s)", directory, config)
-    return _load_state(QuARI(config), state, weights)
+    return load_state_strict(QuARI(config), state, weights)
 
 
 def save_pretrained(model: QuARI, directory: str | os.PathLike) -> Path:
@@ -145,7 +147,7 @@ def load_pretrained(directory: str | os.PathLike) -> QuARI:
     except TypeError as err:
         raise ValueError(f"{directory / CONFIG_FILE} does not describe a QuARIConfig: {err}") from err
     state = safetensors.torch.load_file(directory / WEIGHTS_FILE, device="cpu")
-    return _load_state(QuARI(config), state, directory / WEIGHTS_FILE)
+    return load_state_strict(QuARI(config), state, directory / WEIGHTS_FILE)
 
 
 def load_directory(directory: str | os.PathLike) -> QuARI:
