@@ -17,16 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from quari.methods import RetrievalMethod, as_tensor
+from quari.methods import RetrievalMethod, as_tensor, shortlist_rows
 
 
 def _gather(gallery, indices: np.ndarray, device: torch.device) -> torch.Tensor:
     """Gallery rows at ``indices`` ([B, K]) as unit-norm tensor [B, K, E]."""
-    if isinstance(gallery, torch.Tensor):
-        rows = gallery[torch.from_numpy(indices)]
-    else:  # one fancy-indexing gather (works on memory-mapped arrays too)
-        rows = gallery[indices]
-    return F.normalize(as_tensor(rows, device), dim=-1)
+    return F.normalize(shortlist_rows(gallery, indices, device), dim=-1)
 
 
 class AlphaQE(RetrievalMethod):

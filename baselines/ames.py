@@ -30,7 +30,7 @@ from baselines.local_features import LocalFeatureReranker
 from quari.ames import (DINOV2_AMES_URL, TUNED_HYPERPARAMETERS, combine_scores, load_ames,
                         resolve_checkpoint)
 from quari.data.downloads import file_digest
-from quari.methods import as_tensor
+from quari.methods import as_tensor, shortlist_rows
 from quari.store import atomic_write_json
 
 _STATE = "ames.json"
@@ -97,11 +97,10 @@ class AMESReranker(LocalFeatureReranker):
         out = []
         for start in range(0, len(rows), self.params["batch_size"]):
             chunk = rows[start:start + self.params["batch_size"]]
-            width = max(1, int(db.counts[chunk].max()))  # no padding past the batch's longest
-            desc, _, counts = db.gather(chunk, width)  # only this batch, in the stored dtype
+            desc, _, counts = db.gather(chunk)  # only this batch, in the stored dtype
             desc = torch.from_numpy(desc).to(self.device, torch.float32)
             counts = torch.from_numpy(counts).to(self.device)
-            padding = torch.arange(width, device=self.device)[None] >= counts[:, None]
+            padding = torch.arange(desc.shape[1], device=self.device)[None] >= counts[:, None]
             out.append(self.model_(q.expand(len(chunk), -1, -1), desc, database_padding=padding))
         return torch.cat(out) if out else torch.zeros(0)
 
@@ -109,11 +108,8 @@ class AMESReranker(LocalFeatureReranker):
         """Official AMES scores [B, K] of each query's shortlist (-inf where a candidate has no
         local descriptors)."""
         logits = super().rerank(queries, gallery, shortlist, query_ids)
-        shortlist = np.asarray(shortlist)
-        rows = (gallery[torch.from_numpy(shortlist)] if isinstance(gallery, torch.Tensor)
-                else gallery[shortlist])
         q = F.normalize(as_tensor(queries), dim=-1)
-        cosine = torch.einsum("be,bke->bk", q, F.normalize(as_tensor(rows), dim=-1))
+        cosine = torch.einsum("be,bke->bk", q, F.normalize(shortlist_rows(gallery, shortlist), dim=-1))
         scores = combine_scores(cosine, logits, self.params["lamb"], self.params["temp"])
         return torch.where(torch.isinf(logits), -math.inf, scores)
 

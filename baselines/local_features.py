@@ -133,8 +133,7 @@ class ChamferReranker(LocalFeatureReranker):
     label = "Chamfer similarity"
 
     def score_images(self, query, rows):
-        width = max(1, int(self.database_.counts[rows].max()))  # past it: padding only
-        desc, _, counts = self.database_.gather(rows, width)  # stored dtype: converted by chunk
+        desc, _, counts = self.database_.gather(rows)  # stored dtype: converted by chunk
         return local_matching.chamfer_similarities(
             torch.from_numpy(query[0]).to(self.device), torch.from_numpy(desc),
             torch.from_numpy(counts))

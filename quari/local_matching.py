@@ -78,19 +78,21 @@ class LocalDescriptors:
     def gather(self, rows: Sequence[int] | np.ndarray, width: int | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Copies of (descriptors [K, w, D], xy [K, w, 2], counts [K]) of ``rows``, in the stored
-        dtype, with w = ``width`` (default: the padded M) leading descriptor rows of each image.
+        dtype, with w = ``width`` leading descriptor rows of each image (default: the longest
+        of these images, at least 1: past it there is only padding).
 
         The rows are read in increasing order, so a memory-mapped file is read front to back
         whatever the order of ``rows``; only these K images are read.
         """
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        w = self.descriptors.shape[1] if width is None else int(width)
+        counts = np.asarray(self.counts)[rows]
+        w = max(1, int(counts.max(initial=0))) if width is None else int(width)
         desc = np.empty((len(rows), w, self.descriptors.shape[2]), dtype=self.descriptors.dtype)
         xy = np.empty((len(rows), w, 2), dtype=self.xy.dtype)
         for k in np.argsort(rows, kind="stable"):
             desc[k] = self.descriptors[rows[k], :w]
             xy[k] = self.xy[rows[k], :w]
-        return desc, xy, np.asarray(self.counts)[rows]
+        return desc, xy, counts
 
 
 def save_local_descriptors(path: str | os.PathLike, ids: Sequence[str], descriptors: np.ndarray,

@@ -35,6 +35,17 @@ def as_tensor(x, device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
 
 
+def shortlist_rows(gallery, shortlist: np.ndarray, device: torch.device | str = "cpu"
+                   ) -> torch.Tensor:
+    """Gallery rows at ``shortlist`` (row indices [B, K]) as a float32 tensor [B, K, E] on
+    ``device``: one fancy-indexing gather, which also works on memory-mapped arrays and
+    :class:`quari.store.ShardedRows`."""
+    shortlist = np.asarray(shortlist)
+    if isinstance(gallery, torch.Tensor):
+        return as_tensor(gallery[torch.from_numpy(shortlist)], device)
+    return as_tensor(gallery[shortlist], device)
+
+
 class RetrievalMethod(ABC):
     """Base class of all methods. Subclasses set ``name`` and implement ``prepare`` and ``score``."""
 
@@ -108,11 +119,7 @@ class RetrievalMethod(ABC):
                query_ids: Sequence[str] | None = None) -> torch.Tensor:
         """Scores [B, K] of each query's shortlist (row indices [B, K] into the gallery)."""
         q = as_tensor(queries, self.device)
-        shortlist = np.asarray(shortlist)
-        if isinstance(gallery, torch.Tensor):
-            candidates = as_tensor(gallery[torch.from_numpy(shortlist)], self.device)
-        else:  # one fancy-indexing gather [B, K, E] (works on memory-mapped arrays too)
-            candidates = as_tensor(gallery[shortlist], self.device)
+        candidates = shortlist_rows(gallery, shortlist, self.device)
         with torch.no_grad():
             return self.score_candidates(self.prepare(q, query_ids), q, candidates, query_ids).cpu()
 

@@ -329,6 +329,10 @@ def test_saved_file_is_what_np_savez_writes_and_loads_memory_mapped(tmp_path, im
         np.testing.assert_array_equal(desc, arrays["descriptors"][rows, :4])
         np.testing.assert_array_equal(xy, arrays["xy"][rows, :4])
         np.testing.assert_array_equal(counts, arrays["counts"][rows])
+        longest = max(1, int(arrays["counts"][rows].max()))  # default width: padding cut off
+        desc, xy, _ = mapped.gather(rows)
+        np.testing.assert_array_equal(desc, arrays["descriptors"][rows, :longest])
+        np.testing.assert_array_equal(xy, arrays["xy"][rows, :longest])
 
 
 def test_files_written_before_still_load(tmp_path, caplog):
