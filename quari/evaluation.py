@@ -178,7 +178,7 @@ def evaluate_rerank(method: RetrievalMethod, task: RetrievalTask, benchmark: str
     gallery_ids = np.asarray(task.gallery.ids, dtype=object)
     rel = [metrics.relevance_of(list(gallery_ids[row]), task.positives[q])
            for row, q in zip(reranked, task.queries.ids)]
-    # what the best possible re-ranking of these shortlists scores (quari.tables)
+    # what the best possible re-ranking of these shortlists scores (reporting.tables)
     result["relevant_in_shortlist"] = [int(sum(r)) for r in rel]
     result["num_positives"] = [len(task.positives[q]) for q in task.queries.ids]
     if benchmark == "ilias":

@@ -13,8 +13,12 @@ local-feature matching, override ``search``/``rerank`` directly.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
+import logging
 import os
+import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +30,12 @@ import torch
 from quari import scoring
 from quari.scoring import merge_topk, read_rows
 from quari.store import TrainingCollection, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+#: where methods are found: QuARI's own module, and every module of the ``baselines`` package
+METHOD_MODULES = ("quari.quari_method",)
+METHOD_PACKAGES = ("baselines",)
 
 
 def as_tensor(x, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -195,3 +205,53 @@ class TransformMethod(RetrievalMethod):
 
     def score_candidates(self, state, queries, candidates, query_ids=None):
         return scoring.candidate_scores(state, candidates)
+
+
+# -- the registry: every method found by name ----------------------------------------------------
+_BROKEN: dict[str, str] = {}
+
+
+def _method_modules() -> list[str]:
+    """QuARI's module and every module under the method packages (sub-packages included, names
+    starting with ``_`` skipped)."""
+    names = list(METHOD_MODULES)
+    for package_name in METHOD_PACKAGES:
+        package = importlib.import_module(package_name)
+        names += [m.name for m in pkgutil.walk_packages(package.__path__, f"{package_name}.")
+                  if not m.name.rsplit(".", 1)[-1].startswith("_")]
+    return names
+
+
+def _discover() -> dict[str, type[RetrievalMethod]]:
+    """Every subclass of :class:`RetrievalMethod` with a ``name``, by name. A module whose optional
+    dependency is missing is skipped with a warning (it disables that method, not the harness)."""
+    found: dict[str, type[RetrievalMethod]] = {}
+    for module_name in _method_modules():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:  # an optional dependency of that one method is missing
+            _BROKEN[module_name] = str(err)
+            log.warning("method module %s unavailable: %s", module_name, err)
+            continue
+        for _, obj in inspect.getmembers(module, inspect.isclass):
+            if issubclass(obj, RetrievalMethod) and obj.name and obj.__module__ == module.__name__:
+                if obj.name in found and found[obj.name] is not obj:
+                    raise RuntimeError(f"two methods are named {obj.name!r}: "
+                                       f"{found[obj.name].__module__} and {module_name}")
+                found[obj.name] = obj
+    return found
+
+
+def available_methods() -> list[str]:
+    """Names of every registered method."""
+    return sorted(_discover())
+
+
+def get_method(name: str) -> type[RetrievalMethod]:
+    """The method class called ``name``; an unknown name lists what exists."""
+    methods = _discover()
+    if name not in methods:
+        hint = "".join(f"\n  {m}: {e}" for m, e in _BROKEN.items())
+        raise KeyError(f"unknown method {name!r}; available: {', '.join(sorted(methods))}"
+                       + (f"\nunavailable modules:{hint}" if hint else ""))
+    return methods[name]

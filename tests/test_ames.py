@@ -1,5 +1,5 @@
-"""AMES (quari.ames, baselines/ames.py): parameter names and shapes of the official modules,
-loading tiny random networks saved in the official checkpoint layout, the forward pass against a
+"""AMES (baselines/local_features/ames_network.py and ames_reranker.py): parameter names and
+shapes of the official modules, loading tiny random networks saved in the official checkpoint layout, the forward pass against a
 reference written from the equations, order invariance and padding, the official score
 combination, the refusal of pickled objects, downloads, and the `ames` re-ranker through the
 method interface on descriptor files in the project's layout."""
@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-import baselines
-from quari.ames import (AMES, NETWORKS_URL, AMESConfig, AMESDetector, combine_scores, load_ames,
-                        load_ames_detector, read_checkpoint_state)
-from quari.local_matching import save_local_descriptors
+from quari.methods import get_method
+from baselines.local_features.ames_network import (AMES, NETWORKS_URL, AMESConfig, AMESDetector,
+                                                   combine_scores, load_ames, load_ames_detector,
+                                                   read_checkpoint_state)
+from baselines.local_features.matching import save_local_descriptors
 
 LOCAL_DIM = 8
 TINY = dict(model_dim=16, nhead=2, num_layers=2, dim_feedforward=32)
@@ -342,7 +343,7 @@ def local_world(tmp_path):
 
 
 def test_ames_method_reranks_a_shortlist_as_the_official_evaluation(local_world, tmp_path):
-    cls = baselines.get_method("ames")
+    cls = get_method("ames")
     method = cls(checkpoint=local_world["checkpoint"], batch_size=2, device="cpu")
     assert (method.params["lamb"], method.params["temp"]) == (0.55, 0.30)  # tuned DINOv2 fp
     method.fit(None, **local_world["context"])
@@ -380,7 +381,7 @@ def test_ames_method_reranks_a_shortlist_as_the_official_evaluation(local_world,
 
 
 def test_ames_method_defaults_and_checks(local_world, tmp_path):
-    cls = baselines.get_method("ames")
+    cls = get_method("ames")
     dist = cls(checkpoint=local_world["checkpoint"], binarized=True, device="cpu")
     assert (dist.params["lamb"], dist.params["temp"]) == (0.35, 0.10)  # tuned DINOv2 dist
     with pytest.raises(ValueError, match="fp"):  # an fp checkpoint for the dist variant
@@ -399,11 +400,11 @@ def test_memory_mapped_and_in_memory_descriptors_score_the_same(local_world, mon
     shortlisted images' rows are read (in batches of batch_size)."""
     import functools
 
-    from quari import local_matching
+    from baselines.local_features import matching as local_matching
 
     from .test_rerankers import reads_only_candidates
 
-    cls = baselines.get_method("ames")
+    cls = get_method("ames")
     shortlist = np.array([[0, 1, 3], [6, 5, 1]])
     args = (local_world["queries"], local_world["gallery"], shortlist)
     mapped = cls(checkpoint=local_world["checkpoint"], batch_size=2, device="cpu")
@@ -424,7 +425,7 @@ def test_memory_mapped_and_in_memory_descriptors_score_the_same(local_world, mon
 def test_cuda_matches_cpu(local_world):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    cls = baselines.get_method("ames")
+    cls = get_method("ames")
     shortlist = np.array([[0, 1, 3, 4, 5, 6], [6, 5, 4, 3, 1, 0]])
     scores = {}
     for device in ("cpu", "cuda"):

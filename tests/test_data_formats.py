@@ -332,7 +332,7 @@ def test_rerank_queries_find_their_full_pool_positives_by_text(tmp_path):
 
 def test_rerank_candidates_ranks_only_the_fixed_list(tmp_path):
     """Identity re-ranking of fixed candidates against a brute-force loop of the AP definition."""
-    from baselines import get_method
+    from quari.methods import get_method
     from quari.store import EmbeddingSet
     rng = np.random.default_rng(1)
     gallery_ids = [str(i) for i in range(30)]

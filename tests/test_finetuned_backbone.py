@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from baselines import get_method
+from quari.methods import get_method
 from baselines.finetuned_backbone import FinetunedBackbone, projection_loss
 from quari.store import EmbeddingSet, TrainingCollection, l2_normalize
 from quari.training import Batch, TrainConfig

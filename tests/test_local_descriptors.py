@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from baselines.local_features import ChamferReranker
-from quari.ames import AMESDetector
-from quari.local_descriptors import (DinoLocalExtractor, LocalDescriptorConfig,
+from baselines.local_features.rerankers import ChamferReranker
+from baselines.local_features.ames_network import AMESDetector
+from baselines.local_features.descriptors import (DinoLocalExtractor, LocalDescriptorConfig,
                                      extract_local_descriptors, main)
-from quari.local_matching import (chamfer_similarity, load_local_descriptors,
+from baselines.local_features.matching import (chamfer_similarity, load_local_descriptors,
                                   save_local_descriptors)
 from quari.store import NpzFormatError
 
@@ -375,7 +375,7 @@ def test_an_interrupted_merge_keeps_the_parts_and_resumes(images, model_dir, tmp
                                                           monkeypatch):
     """The merge reads the parts one at a time; if it dies, the parts stay and no output
     appears; the rerun only merges (nothing is extracted again)."""
-    import quari.local_descriptors as module
+    import baselines.local_features.descriptors as module
 
     config = LocalDescriptorConfig(model=model_dir, num_descriptors=8, resolution=RESOLUTION)
     extractor = DinoLocalExtractor(model_dir)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-import baselines
-from baselines.local_features import LocalFeatureReranker
-from quari.local_matching import save_local_descriptors
+from quari.methods import available_methods, get_method
+from baselines.local_features.rerankers import LocalFeatureReranker
+from baselines.local_features.matching import save_local_descriptors
 from quari.methods import RetrievalMethod
 from quari.mining import mine_semipositives
 
@@ -34,7 +34,7 @@ def fit_context(name, tmp_path, rng, query_ids, train):
     if name == "quari":
         return {"semipositives": mine_semipositives(np.asarray(train.images.embeddings),
                                                     train.images.ids, k=5, top_n=2)}
-    if issubclass(baselines.get_method(name), LocalFeatureReranker):
+    if issubclass(get_method(name), LocalFeatureReranker):
         n_db, n_q = len(train.images.ids), len(query_ids)
         save_local_descriptors(tmp_path / "db_local.npz", train.images.ids,
                                rng.standard_normal((n_db, 10, 8)), rng.random((n_db, 10, 2)),
@@ -66,9 +66,9 @@ def constructor_params(name, tmp_path):
     return FAST_PARAMS.get(name, {})
 
 
-@pytest.mark.parametrize("name", baselines.available_methods())
+@pytest.mark.parametrize("name", available_methods())
 def test_method_conformance(name, tmp_path, rng):
-    cls = baselines.get_method(name)
+    cls = get_method(name)
     assert issubclass(cls, RetrievalMethod) and cls.name == name
     train = random_collection(rng, dim=DIM)
     valid = random_collection(rng, dim=DIM, instances=4, prefix="v")
@@ -132,16 +132,16 @@ def test_method_conformance(name, tmp_path, rng):
 
 def test_unknown_method_lists_the_registry():
     with pytest.raises(KeyError) as err:
-        baselines.get_method("no_such_method")
+        get_method("no_such_method")
     assert "identity" in str(err.value) and "linear_adaptation" in str(err.value)
 
 
 def test_registry_has_the_first_methods():
-    assert {"identity", "linear_adaptation", "quari", "oracle"} <= set(baselines.available_methods())
+    assert {"identity", "linear_adaptation", "quari", "oracle"} <= set(available_methods())
 
 
 def test_loading_a_different_method_is_refused(tmp_path):
-    ident = baselines.get_method("identity")(device="cpu")
+    ident = get_method("identity")(device="cpu")
     ident.save(tmp_path)
     with pytest.raises(ValueError, match="identity"):
-        baselines.get_method("linear_adaptation").load(tmp_path)
+        get_method("linear_adaptation").load(tmp_path)

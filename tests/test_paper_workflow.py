@@ -95,7 +95,7 @@ def required_evaluations() -> set[str]:
 
 def table_3b_open_vlms() -> set[str]:
     """Table 3b's VLM rows of paper_numbers.csv that an open model runs (not VILA, not GPT)."""
-    from quari.vlm import list_vlms
+    from baselines.vlm.scorer import list_vlms
     paper = pd.read_csv(PAPER)
     rows = set(paper[paper["table"] == "3b"]["method"])
     return {m for m in rows if m in list_vlms()}
@@ -280,7 +280,7 @@ def test_real_data_dag_end_to_end_on_generated_official_files(tmp_path):
     run = snakemake(work, *targets, "--configfile", str(config), "--replace-workflow-config")
     assert run.returncode == 0, run.stderr[-5000:]
     res = work / "results"
-    from quari.tables import build_table, evaluation_rows, load_evaluations
+    from reporting.tables import build_table, evaluation_rows, load_evaluations
     rows = evaluation_rows(load_evaluations([work / e for e in evaluations]))
     paper = pd.read_csv(PAPER)
     for name in ("1", "2", "3"):
@@ -355,7 +355,7 @@ def test_real_data_dag_end_to_end_on_generated_official_files(tmp_path):
 
     # Table 3a: DINOv2 descriptors of every image query, and of exactly the gallery images in
     # some image query's cosine top-(8 + 2), recomputed here by brute force
-    from quari.local_matching import load_local_descriptors
+    from baselines.local_features.matching import load_local_descriptors
     local = res / "local_descriptors/ilias"
     queries = load_local_descriptors(local / "queries.npz")
     assert sorted(queries.ids) == sorted(ilias["queries"]) and set(queries.counts) == {12}
@@ -452,7 +452,7 @@ def test_gallery_items_finds_shortlisted_positives_and_distractors(tmp_path):
 
 
 def test_shortlist_ids_are_the_union_of_every_querys_top_k():
-    from quari.local_descriptors import shortlist_ids
+    from baselines.local_features.descriptors import shortlist_ids
     from quari.store import EmbeddingSet
     rng = torch.Generator().manual_seed(0)
     gallery = torch.randn(50, 8, generator=rng).numpy()

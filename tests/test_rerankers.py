@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from baselines.alpha_qe import AlphaQE
-from baselines.local_features import ChamferReranker, SpatialVerificationReranker
-from quari.local_matching import (chamfer_similarities, chamfer_similarity, ransac_inliers,
-                                  save_local_descriptors, spatial_verification, tentative_matches)
+from baselines.local_features.rerankers import ChamferReranker, SpatialVerificationReranker
+from baselines.local_features.matching import (chamfer_similarities, chamfer_similarity,
+                                               ransac_inliers, save_local_descriptors,
+                                               spatial_verification, tentative_matches)
 
 
 def unit(x):
@@ -272,7 +273,7 @@ def test_memory_mapped_and_in_memory_descriptors_score_the_same(local_world, cls
     rows; reading the files into memory (the behaviour before) gives the same scores."""
     import functools
 
-    from quari import local_matching
+    from baselines.local_features import matching as local_matching
 
     gallery = np.zeros((5, 4), dtype=np.float32)
     shortlist = np.array([[1, 0, 4], [3, 2, 1]])

@@ -60,7 +60,7 @@ def test_a_sharded_set_loads_as_a_view_that_reads_like_the_concatenation(tmp_pat
     those of the concatenated array, and a streaming search and a re-ranking over it agree."""
     import torch
 
-    from baselines import get_method
+    from quari.methods import get_method
     from quari.scoring import cosine_topk
     from quari.store import ShardedRows
 

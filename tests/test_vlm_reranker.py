@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from baselines import get_method
-from baselines.vlm_reranker import VLMReranker
+from quari.methods import get_method
+from baselines.vlm.reranker import VLMReranker
 from quari import metrics
 from quari.evaluation import RetrievalTask, evaluate_rerank
 from quari.store import EmbeddingSet, l2_normalize
-from quari.vlm import INQUIRE_TEMPERATURE, VLMS, answer_token, get_vlm, yes_probability
+from baselines.vlm.scorer import INQUIRE_TEMPERATURE, VLMS, answer_token, get_vlm, yes_probability
 
 WORDS = ("USER ASSISTANT Does this picture show Answer the question with either Yes or No and "
          "nothing else a red fox bird on branch green frog").split() + list(':?."')

@@ -3,8 +3,8 @@ the harness consumes.
 
 Every adapter reads the benchmark's own published format and produces
 
-- item lists ``[(official_id, image source)]`` for :func:`quari.embedding.embed_images` and
-  ``[(id, text)]`` for :func:`quari.embedding.embed_texts`;
+- item lists ``[(official_id, image source)]`` for :func:`quari.embedding_cache.embed_images` and
+  ``[(id, text)]`` for :func:`quari.embedding_cache.embed_texts`;
 - ground truth ``{query_id: [positive ids]}`` for :func:`quari.store.save_positives`;
 - training pairs (images, captions, labels) for :class:`quari.store.TrainingCollection`.
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quari.data.tars import read_member_text, read_tar_samples
-from quari.embedding import ImageSource
+from quari.embedding_cache import ImageSource
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ class ImageRef:
     """An image stored at ``offset`` (``size`` bytes) inside ``path``; a whole file when size < 0.
 
     Calling it returns the bytes, so it is an image source for
-    :func:`quari.embedding.embed_images`, and it pickles into DataLoader workers as three fields.
+    :func:`quari.embedding_cache.embed_images`, and it pickles into DataLoader workers as three fields.
     """
 
     path: str    # file holding the image (a tar shard, or the image file itself)

@@ -27,7 +27,7 @@ REAL_SOURCES = (["ilias_core", "ilias_mini", "ilias_yfcc", "inquire", "inquire_r
 
 def _check_config_early():
     """Errors in nested settings (world, model, training, method names) at load, not mid-run."""
-    from baselines import get_method
+    from quari.methods import get_method
     from quari.model import QuARIConfig
     from quari.training import TrainConfig
 
@@ -184,7 +184,7 @@ def get_training_set_files(wildcards):
 
 def _check_real_config():
     """Names in the real-data sections refer to things that exist, checked at load."""
-    from quari.data.embed import configured_backbone
+    from quari.data.embedding_jobs import configured_backbone
 
     real = config["real"]
     for name in BACKBONES:

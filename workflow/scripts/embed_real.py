@@ -1,4 +1,4 @@
-"""Embed one real set with one backbone into the embedding cache (resumable; see quari.data.embed).
+"""Embed one real set with one backbone into the embedding cache (resumable; see quari.data.embedding_jobs).
 
 The job says which set: ILIAS image / text queries and galleries (ILIAS protocol: long side to
 the test resolution, no crop), INQUIRE queries and pool (the model's own transform, or the
@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from quari.backbones import ilias_transform, load_backbone, model_transform
-from quari.data import collections, embed, ilias, inquire
+from quari.data import collections, ilias, inquire
+from quari.data import embedding_jobs as embed
 from quari.runlog import log_to
 
 log = logging.getLogger("quari.embed")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from baselines import get_method
-from baselines.local_features import LocalFeatureReranker
+from quari.methods import get_method
+from baselines.local_features.rerankers import LocalFeatureReranker
 from quari.data.inquire import rerank_candidates, rerank_full_pool_positives
 from quari.evaluation import RetrievalTask, evaluate_rerank, evaluate_search, hardware_name
 from quari.runlog import log_to
@@ -90,7 +90,7 @@ def evaluate_inquire_rerank(smk, method, gallery, positives):
 
 def write_result(smk, cls, method, benchmark, gallery_size, results):
     """The evaluation JSON; `benchmark` is the paper's benchmark name (ilias / inquire), the
-    setting follows from the gallery size and the mode (quari.tables)."""
+    setting follows from the gallery size and the mode (reporting.tables)."""
     w, p = smk.wildcards, smk.params
     atomic_write_json(smk.output[0], {
         "run_id": p.run_id, "data": p.data, "benchmark": benchmark, "backbone": w.backbone,

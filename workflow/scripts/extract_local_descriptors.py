@@ -1,5 +1,5 @@
-"""DINOv2 local descriptors of ILIAS images for the Table 3a re-rankers (quari.local_descriptors):
-the image queries (600 each in the paper) or the shortlisted database images (100 each)."""
+"""DINOv2 local descriptors of ILIAS images for the Table 3a re-rankers
+(baselines.local_features.descriptors): the image queries (600 each in the paper) or the shortlisted database images (100 each)."""
 
 import json
 import logging
@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 
 from quari.data import ilias
-from quari.local_descriptors import (DinoLocalExtractor, LocalDescriptorConfig,
+from baselines.local_features.descriptors import (DinoLocalExtractor, LocalDescriptorConfig,
                                      extract_local_descriptors)
 from quari.runlog import log_to
 
-log = logging.getLogger("quari.local_descriptors")
+log = logging.getLogger("baselines.local_features.descriptors")
 
 
 def _files(path):

@@ -2,11 +2,11 @@
 
 import pandas as pd
 
-from quari.figures import (cost_accuracy_caption, measured_cost_accuracy, paper_figure4_points,
+from reporting.figures import (cost_accuracy_caption, measured_cost_accuracy, paper_figure4_points,
                            plot_cost_accuracy)
-from quari.report import hardware_of
+from reporting.report import hardware_of
 from quari.runlog import log_to
-from quari.tables import load_evaluations
+from reporting.tables import load_evaluations
 
 
 def main(smk):

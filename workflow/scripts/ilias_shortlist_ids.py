@@ -5,11 +5,11 @@ import logging
 
 import torch
 
-from quari.local_descriptors import shortlist_ids
+from baselines.local_features.descriptors import shortlist_ids
 from quari.runlog import log_to
 from quari.store import atomic_write_text, load_embedding_set
 
-log = logging.getLogger("quari.local_descriptors")
+log = logging.getLogger("baselines.local_features.descriptors")
 
 
 def main(smk):

@@ -2,9 +2,9 @@
 
 import pandas as pd
 
-from quari.report import write_report
+from reporting.report import write_report
 from quari.runlog import log_to
-from quari.tables import TABLES, evaluation_rows, load_evaluations, write_table
+from reporting.tables import TABLES, evaluation_rows, load_evaluations, write_table
 
 
 def main(smk):

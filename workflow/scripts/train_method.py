@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from baselines import get_method
+from quari.methods import get_method
 from quari.config import deep_merge
 from quari.mining import load_semipositives
 from quari.runlog import log_to

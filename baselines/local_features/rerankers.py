@@ -10,10 +10,10 @@ Inputs, all given to ``fit`` as context (nothing is learned)::
     query_local_descriptors   path of the queries' descriptors, keyed by query id
     gallery_ids               id of every gallery row, in row order (or call ``set_gallery``)
 
-Both files use the layout of :mod:`quari.local_matching` and are memory-mapped (ILIAS's
+Both files use the layout of :mod:`.matching` and are memory-mapped (ILIAS's
 shortlisted images hold about 185 GB of float16 descriptors). ``rerank`` maps each shortlisted
 gallery row to its id, and each query to its descriptors through ``query_ids``; per query it
-copies out only that query's candidates (:meth:`~quari.local_matching.LocalDescriptors.gather`)
+copies out only that query's candidates (:meth:`~.matching.LocalDescriptors.gather`)
 and converts them to float32, so memory grows with the shortlist, not with the file.
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quari import local_matching
+from baselines.local_features import matching as local_matching
 from quari.methods import RetrievalMethod
 
 _STATE = "local_features.json"

@@ -1,7 +1,7 @@
 """AMES re-ranking (Suma et al., ECCV 2024): Table 3a's learned local-descriptor re-ranker.
 
 Each shortlisted (query, database image) pair is scored by the published AMES network
-(:mod:`quari.ames`) from the two images' local descriptors, and the logit is combined with the
+(:mod:`.ames_network`) from the two images' local descriptors, and the logit is combined with the
 pair's global similarity as the official evaluation does::
 
     score = lamb * cosine(query, candidate) + (1 - lamb) * sigmoid(temp * AMES logit)
@@ -9,10 +9,10 @@ pair's global similarity as the official evaluation does::
 The global similarity is the cosine of the embeddings the harness passes, i.e. the initial
 ranking's score that the shortlist was taken from. Like Chamfer similarity it is a re-ranker only
 and reads its descriptors by image id (``fit`` context ``local_descriptors``,
-``query_local_descriptors``, ``gallery_ids``; see :mod:`baselines.local_features`); a candidate
+``query_local_descriptors``, ``gallery_ids``; see :mod:`.rerankers`); a candidate
 without descriptors is ranked last. The descriptors must be those the published networks are
 evaluated with: DINOv2 ViT-B/14 with registers, selected and transformed by the AMES detector
-(``saliency: ames_detector`` in :mod:`quari.local_descriptors`); their width must equal the
+(``saliency: ames_detector`` in :mod:`.descriptors`); their width must equal the
 network's.
 """
 
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from baselines.local_features import LocalFeatureReranker
-from quari.ames import (DINOV2_AMES_URL, TUNED_HYPERPARAMETERS, combine_scores, load_ames,
-                        resolve_checkpoint)
+from baselines.local_features.rerankers import LocalFeatureReranker
+from baselines.local_features.ames_network import (DINOV2_AMES_URL, TUNED_HYPERPARAMETERS,
+                                                   combine_scores, load_ames, resolve_checkpoint)
 from quari.data.downloads import file_digest
 from quari.methods import as_tensor, shortlist_rows
 from quari.store import atomic_write_json

@@ -1,7 +1,7 @@
 """Embedding jobs of the real-data workflow: whole sets, many-part galleries, training collections.
 
 A workflow engine deletes the declared output of a failed job, which would throw away the
-resumable shards of :mod:`quari.embedding`. So every job here works in a hidden sibling folder
+resumable shards of :mod:`quari.embedding_cache`. So every job here works in a hidden sibling folder
 ``.<name>.partial`` and renames it to ``<name>`` only when complete: a killed job resumes from its
 last complete shard, and ``<name>`` never exists half-written.
 
@@ -23,7 +23,7 @@ import numpy as np
 
 from quari.backbones import Encoder
 from quari.data.collections import PairList
-from quari.embedding import SKIPPED, embed_images, embed_texts
+from quari.embedding_cache import SKIPPED, embed_images, embed_texts
 from quari.store import (FORMAT_VERSION, MANIFEST, atomic_save_npy, atomic_write_json,
                          atomic_write_text, embedding_set_meta, load_embedding_set)
 
@@ -45,7 +45,7 @@ def publish(work: Path, out_dir: Path) -> None:
 
 def embed_image_set(encoder: Encoder, items, out_dir: str | os.PathLike, transform: Callable,
                     **options) -> Path:
-    """:func:`quari.embedding.embed_images` into ``out_dir`` through its partial folder."""
+    """:func:`quari.embedding_cache.embed_images` into ``out_dir`` through its partial folder."""
     out_dir, work = Path(out_dir), partial_dir(out_dir)
     embed_images(encoder, items, work, transform, **options)
     publish(work, out_dir)
@@ -53,7 +53,7 @@ def embed_image_set(encoder: Encoder, items, out_dir: str | os.PathLike, transfo
 
 
 def embed_text_set(encoder: Encoder, items, out_dir: str | os.PathLike, **options) -> Path:
-    """:func:`quari.embedding.embed_texts` into ``out_dir`` through its partial folder."""
+    """:func:`quari.embedding_cache.embed_texts` into ``out_dir`` through its partial folder."""
     out_dir, work = Path(out_dir), partial_dir(out_dir)
     embed_texts(encoder, items, work, **options)
     publish(work, out_dir)

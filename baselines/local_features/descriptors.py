@@ -24,7 +24,7 @@ Saliency (``saliency=``):
   patches (Darcet et al., ICLR 2024) that a norm ranking would pick first.
 - ``"cls_attention"``: the last layer's attention from the CLS token to each patch, averaged over
   heads: where the global representation looks. Needs eager attention (slower).
-- ``"ames_detector"``: AMES's trained detector (:class:`quari.ames.AMESDetector`, published as
+- ``"ames_detector"``: AMES's trained detector (:class:`.ames_network.AMESDetector`, published as
   ``dinov2_detector.pt``; ``detector=`` path or URL, default the published one). It *transforms*
   every patch token (pointwise conv + batch norm, L2-normalised) and ranks the tokens by a
   learned score, and the stored descriptors are the transformed ones. The official extraction
@@ -43,7 +43,7 @@ is zero-padded, and patches centred in the padding are never kept. For the offic
 the *mapped* database descriptors to float16; here descriptors are stored in ``dtype`` (float16
 by default) before the mapping, a rounding of the same size.
 
-Output, in the layout :func:`quari.local_matching.load_local_descriptors` reads (one ``.npz``):
+Output, in the layout :func:`.matching.load_local_descriptors` reads (one ``.npz``):
 ``ids``, ``descriptors`` [N, n, D] (float16 by default), ``xy`` [N, n, 2] patch centres in
 *normalised* image coordinates (x / width, y / height of the original image, so the re-rankers'
 thresholds do not depend on image size), ``counts`` [N]; plus ``image_sizes`` [N, 2] (original
@@ -76,8 +76,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from quari.backbones import ilias_size
-from quari.embedding import ImageSource, open_image, read_items_tsv
-from quari.local_matching import LocalDescriptors, load_local_descriptors, save_local_descriptors
+from quari.embedding_cache import ImageSource, open_image, read_items_tsv
+from baselines.local_features.matching import (LocalDescriptors, load_local_descriptors,
+                                               save_local_descriptors)
 from quari.store import (NpzWriter, atomic_write_json, atomic_write_npz, atomic_write_text,
                          load_npz_array, read_npz_arrays)
 
@@ -176,7 +177,7 @@ class DinoLocalExtractor:
 
     ``detector`` (path or URL of an AMES detector checkpoint; None: the published one) is read
     only with ``saliency="ames_detector"``; a URL is downloaded once into ``cache_dir``
-    (:func:`quari.ames.resolve_checkpoint`).
+    (:func:`.ames_network.resolve_checkpoint`).
     """
 
     def __init__(self, source: str, device: torch.device | str = "cpu", saliency: str = "norm",
@@ -201,7 +202,7 @@ class DinoLocalExtractor:
         self.dim = int(config.hidden_size)
         self.detector = None
         if saliency == "ames_detector":
-            from quari.ames import DINOV2_DETECTOR_URL, load_ames_detector
+            from baselines.local_features.ames_network import DINOV2_DETECTOR_URL, load_ames_detector
             self.detector = load_ames_detector(detector or DINOV2_DETECTOR_URL, self.device,
                                                cache_dir=cache_dir)
             if self.detector.conv1.in_channels != self.dim:
@@ -276,7 +277,7 @@ def _fingerprint(config: LocalDescriptorConfig, ids: Sequence[str], part_images:
 
 def _save(path: Path, ids: Sequence[str], results: Sequence[tuple[np.ndarray, np.ndarray]],
           sizes: np.ndarray, n: int, dim: int, dtype: str) -> None:
-    """Write one part in the layout of :mod:`quari.local_matching` (padded to ``n`` rows) plus
+    """Write one part in the layout of :mod:`.matching` (padded to ``n`` rows) plus
     image sizes. A part holds ``part_images`` images, so it is built in memory."""
     descriptors = np.zeros((len(ids), n, dim), dtype=dtype)
     xy = np.zeros((len(ids), n, 2), dtype=np.float32)
@@ -348,9 +349,9 @@ def extract_local_descriptors(extractor: DinoLocalExtractor,
                               progress: bool = True) -> LocalDescriptors:
     """Extract the top-``config.num_descriptors`` DINOv2 local descriptors of (id, image source)
     items into ``out_path`` (``.npz``, layout in the module docstring) and return them
-    (memory-mapped, :func:`quari.local_matching.load_local_descriptors`).
+    (memory-mapped, :func:`.matching.load_local_descriptors`).
 
-    Sources are what :mod:`quari.embedding` takes (a path, encoded bytes, or a callable).
+    Sources are what :mod:`quari.embedding_cache` takes (a path, encoded bytes, or a callable).
     Unreadable images are logged, listed in ``<out>.skipped.tsv`` and absent from the file.
     Parts of ``part_images`` items are written under ``<out>.parts/`` as they complete; a rerun
     with the same items and config resumes after the last one. An existing output of the same
@@ -451,7 +452,7 @@ def shortlist_ids(queries, gallery, k: int, chunk_rows: int = 65536, batch_size:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: extract DINOv2 local descriptors of an image list into one .npz file."""
     defaults = LocalDescriptorConfig()
-    parser = argparse.ArgumentParser(prog="python -m quari.local_descriptors",
+    parser = argparse.ArgumentParser(prog="python -m baselines.local_features.descriptors",
                                      description=main.__doc__)
     parser.add_argument("--images", required=True,
                         help="TSV: id<TAB>image path (relative to --root)")

@@ -1,6 +1,6 @@
 """Vision-language-model re-rankers of Table 3b (INQUIRE-Rerank): BLIP-2, InstructBLIP,
 PaliGemma and LLaVA score each shortlisted image by P(Yes) / (P(Yes) + P(No)) for the
-benchmark's question "Does this picture show {query}?" (:mod:`quari.vlm`).
+benchmark's question "Does this picture show {query}?" (:mod:`.scorer`).
 
 They read the candidate *images* and the query *text*, not embeddings, so they are re-rankers
 only (``search`` raises NotImplementedError). Inputs, given to ``fit`` as context (nothing is
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from quari.embedding import ImageSource, open_image, read_items_tsv
+from quari.embedding_cache import ImageSource, open_image, read_items_tsv
 from quari.methods import RetrievalMethod
 from quari.store import atomic_write_text
-from quari.vlm import INQUIRE_TEMPERATURE, YesNoScorer, get_vlm
+from baselines.vlm.scorer import INQUIRE_TEMPERATURE, YesNoScorer, get_vlm
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class VLMReranker(RetrievalMethod):
 
     def __init__(self, model: str, path: str | None = None, batch_size: int = 8,
                  temperature: float = INQUIRE_TEMPERATURE, device: str | None = None):
-        # model: entry of quari.vlm.VLMS (e.g. "llava_1.5_13b"): hub id, prompt, answer tokens
+        # model: entry of .scorer.VLMS (e.g. "llava_1.5_13b"): hub id, prompt, answer tokens
         # path: local directory with the same model (default: download the hub id)
         # batch_size: candidate images per forward pass (one query's candidates at a time)
         # temperature: softmax temperature of the two probabilities (INQUIRE's 0.5; no effect on

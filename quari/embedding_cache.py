@@ -287,7 +287,7 @@ def read_items_tsv(path: str | os.PathLike, root: str | os.PathLike | None = Non
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: embed an image list and/or a text-query list with a registered backbone."""
     from quari.backbones import get_backbone, ilias_transform, load_backbone, model_transform
-    parser = argparse.ArgumentParser(prog="python -m quari.embedding", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m quari.embedding_cache", description=main.__doc__)
     parser.add_argument("--backbone", required=True, help="registry name (quari.backbones)")
     parser.add_argument("--model-path", help="local model directory or checkpoint")
     parser.add_argument("--images", help="TSV: id<TAB>image path (relative to --root)")

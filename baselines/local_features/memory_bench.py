@@ -1,7 +1,7 @@
 """Memory of Table 3a's local-feature re-ranking: descriptor files memory-mapped against read
 into memory.
 
-    python -m quari.bench.local_descriptors [--images 20000 --descriptors 100 --dim 768
+    python -m baselines.local_features.memory_bench [--images 20000 --descriptors 100 --dim 768
                                              --queries 10 --query-descriptors 600
                                              --candidates 1000 --dir /tmp --threads 1]
 
@@ -9,7 +9,7 @@ Writes a synthetic database file of ``--images`` x ``--descriptors`` x ``--dim``
 descriptors (streamed, as the extractor writes; 20,000 x 100 x 768 is 3.1 GB, in ``--dir``,
 deleted at the end) and a query file, then, each in a fresh process, loads both and re-ranks
 ``--queries`` random shortlists of ``--candidates`` images with Chamfer similarity
-(``baselines.local_features.ChamferReranker``): once memory-mapped (the default loading), once
+(``baselines.local_features.rerankers.ChamferReranker``): once memory-mapped (the default loading), once
 read into memory as float32 (the loading before; needs about 3x the file in memory). Prints, from
 one run, the load and re-ranking times, each process's peak resident memory (peak RSS) and
 peak anonymous memory, their ratios, and the largest score difference between the two (0
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quari.local_matching import save_local_descriptors
+from baselines.local_features.matching import save_local_descriptors
 from quari.store import atomic_write_npz
 
 MODES = ("mmap", "in-memory")
@@ -105,8 +105,8 @@ def measure(mode: str, database: str, queries: str, shortlist: np.ndarray,
     Chamfer similarity; times, memory and the scores."""
     import torch
 
-    from baselines.local_features import ChamferReranker
-    from quari.local_matching import load_local_descriptors
+    from baselines.local_features.rerankers import ChamferReranker
+    from baselines.local_features.matching import load_local_descriptors
 
     torch.set_num_threads(threads)
     before = memory_status()

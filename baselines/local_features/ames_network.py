@@ -6,13 +6,13 @@ descriptors of both images with a small transformer. This module rebuilds the ne
 official evaluation runs (``pavelsuma/ames``: ``src/models/matcher.py``, ``transformer_dec.py``,
 ``binarization_layer.py``, ``conf/model/ames.yaml``) with the same parameter names and shapes,
 so that the published state dicts load with ``strict=True``, and its DINOv2 detector
-(``extract/spatial_attention_2d.py``) used by :mod:`quari.local_descriptors`.
+(``extract/spatial_attention_2d.py``) used by :mod:`.descriptors`.
 
 What the network consumes, per pair (a query image and a database image):
 
 - local descriptors of both images: [Q, D] and [T, D], D = 768 for the DINOv2 models (ViT-B/14
   with registers, patch tokens after the final norm, selected and transformed by the AMES
-  detector; see :mod:`quari.local_descriptors`). The official evaluation uses 600 per query and
+  detector; see :mod:`.descriptors`). The official evaluation uses 600 per query and
   a few dozen to a hundred per database image (Table 3a: 100). Nothing else: positions, scales
   and detector weights stored beside the descriptors in the official files are not read;
 - a padding mask per image (True = padding row, ignored).

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from quari.backbones import ilias_transform, load_backbone
-from quari.data import collections, embed, ilias
+from quari.data import collections, embedding_jobs, ilias
 from quari.store import load_embedding_set, load_training_collection
 from tests.test_backbones import save_tiny_siglip
 from tests.test_data_formats import make_collections, make_ilias
@@ -38,7 +38,7 @@ def test_gallery_of_parts_resumes_after_a_kill(setup, tmp_path):
     root, expected, info, encoder = setup
     opts = dict(batch_size=3, shard_rows=4, num_workers=0, progress=False)
     transform = ilias_transform(info)
-    reference = embed.embed_gallery_parts(encoder, _parts(root), tmp_path / "ref", transform, **opts)
+    reference = embedding_jobs.embed_gallery_parts(encoder, _parts(root), tmp_path / "ref", transform, **opts)
 
     class Killed(Exception):
         pass
@@ -52,17 +52,17 @@ def test_gallery_of_parts_resumes_after_a_kill(setup, tmp_path):
 
     out = tmp_path / "run" / "gallery"
     with pytest.raises(Killed):
-        embed.embed_gallery_parts(encoder, _parts(root), out, transform,
+        embedding_jobs.embed_gallery_parts(encoder, _parts(root), out, transform,
                                   on_shard=kill_in_second_part, **opts)
-    assert not out.exists() and embed.partial_dir(out).exists()  # nothing published
-    embed.embed_gallery_parts(encoder, _parts(root), out, transform, **opts)
+    assert not out.exists() and embedding_jobs.partial_dir(out).exists()  # nothing published
+    embedding_jobs.embed_gallery_parts(encoder, _parts(root), out, transform, **opts)
     assert _files(out) == _files(reference)  # identical files, from the resumed run
     gallery = load_embedding_set(out)
     assert sorted(gallery.ids) == sorted(expected["positives"] + expected["yfcc"])
     # each row is that image alone through the encoder (official id -> its own pixels)
     items = dict(ilias.distractor_items(root / "ilias/server/yfcc100m/yfcc100m_000001.tar"))
     row = gallery.ids.index("yfcc100m_000001.tar/7012")
-    single = embed.embed_image_set(encoder, [("x", items["yfcc100m_000001.tar/7012"])],
+    single = embedding_jobs.embed_image_set(encoder, [("x", items["yfcc100m_000001.tar/7012"])],
                                    tmp_path / "single", transform, **opts)
     np.testing.assert_allclose(np.asarray(gallery.embeddings[row], np.float32),
                                np.asarray(load_embedding_set(single).embeddings[0], np.float32),
@@ -75,7 +75,7 @@ def test_training_collection_drops_captions_of_unreadable_images(setup, tmp_path
     pairs = collections.coco_pairs(tmp_path / "coco/annotations/captions_train2017.json",
                                    tmp_path / "coco/train2017", max_images=4)
     Path(pairs.images[1][1]).write_bytes(b"not a jpeg")
-    out = embed.embed_training_collection(
+    out = embedding_jobs.embed_training_collection(
         encoder, pairs, tmp_path / "train", ilias_transform(info), "coco-train",
         batch_size=2, shard_rows=10, num_workers=0, progress=False)
     collection = load_training_collection(out)

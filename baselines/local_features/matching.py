@@ -3,7 +3,7 @@
 These are the local-feature re-rankers of Table 3a (DINOv2 patch descriptors, 100 per database
 image and 600 per query in the paper). The functions here are pure: they take the descriptors
 (and patch positions) of one query and its candidates and return a score; the re-ranking methods
-in ``baselines/local_features.py`` look the descriptors up by image id.
+in ``baselines/local_features/rerankers.py`` look the descriptors up by image id.
 
 Local descriptors on disk are one ``.npz`` per image set (see :func:`save_local_descriptors`)::
 

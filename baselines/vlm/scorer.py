@@ -110,7 +110,7 @@ def get_vlm(name: str) -> VLMSpec:
         return VLMS[name]
     except KeyError:
         raise KeyError(f"unknown VLM {name!r}; known: {', '.join(list_vlms())} (VILA and GPT-4 "
-                       "rows are not runnable here: see quari.vlm)") from None
+                       "rows are not runnable here: see baselines.vlm.scorer)") from None
 
 
 def answer_token(tokenizer, word: str, index: int) -> int:
