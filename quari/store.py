@@ -33,14 +33,32 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
+def current_umask() -> int:
+    """The process's file-creation mask (read from /proc where it is, so that no other thread
+    ever sees a changed mask; elsewhere set and restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(temp_path)`` on a temporary file beside ``path``, flush it to disk, then move
-    it into place with ``os.replace``: readers see the old file or the complete new one."""
+    it into place with ``os.replace``: readers see the old file or the complete new one. The
+    file gets the permissions an ordinary ``open(path, "w")`` would give (0666 less the user's
+    umask), not the owner-only 0600 of the temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

@@ -19,8 +19,10 @@ PAYLOAD = bytes(range(256)) * 4096  # 1 MiB, so a transfer spans several read ch
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """Serves ``server.files``; ``server.mode`` is normal, cut (stop after `cut_at` bytes once),
-    corrupt (flip a byte), or norange (ignore Range)."""
+    """Serves ``server.files`` with an ETag (``server.etags``, else a digest of the bytes) and
+    honours ``If-Range`` unless ``server.if_range`` is False. ``server.mode`` is normal, cut
+    (stop after `cut_at` bytes once), corrupt (flip a byte), norange (ignore Range), or
+    nolength (no Content-Length; the first transfer is cut at `cut_at`)."""
 
     def log_message(self, *args):
         pass
@@ -32,12 +34,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if data is None:
             self.send_error(404)
             return
+        etag = server.etags.get(self.path) or f'"{hashlib.md5(data).hexdigest()}"'
         start = 0
         rng = self.headers.get("Range")
-        if rng and server.mode != "norange":
+        if_range = self.headers.get("If-Range")
+        if server.if_range and if_range is not None and if_range != etag:
+            rng = None  # RFC 9110: a changed object is sent whole
+        if rng and server.mode != "norange" and server.ranges:
             start = int(rng.split("=")[1].split("-")[0])
             if start >= len(data):
                 self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
                 self.end_headers()
                 return
             self.send_response(206)
@@ -47,6 +54,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = data[start:]
         if server.mode == "corrupt":
             body = body[:10] + bytes([body[10] ^ 0xFF]) + body[11:]
+        self.send_header("ETag", etag)
+        if server.mode == "nolength":
+            self.close_connection = True
+            self.end_headers()
+            if server.cut_once or server.cut_always:
+                server.cut_once = False
+                body = body[:server.cut_at + 1000 * len(server.requests)]
+            self.wfile.write(body)
+            self.wfile.flush()
+            return
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if server.mode == "cut":
@@ -63,6 +80,8 @@ def server():
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.files = {"/data.bin": PAYLOAD}
     httpd.mode, httpd.cut_at, httpd.requests = "normal", 300_000, []
+    httpd.etags, httpd.if_range, httpd.cut_once, httpd.cut_always = {}, True, True, False
+    httpd.ranges = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield httpd
@@ -180,3 +199,140 @@ def test_file_digest_matches_hashlib(tmp_path):
     path = tmp_path / "x.bin"
     path.write_bytes(PAYLOAD * 3)
     assert downloads.file_digest(path, "sha256") == hashlib.sha256(PAYLOAD * 3).hexdigest()
+
+
+def test_a_body_cut_short_without_content_length_is_never_accepted(server, tmp_path):
+    # no checksum, no size: the INQUIRE CSVs, checksums.txt, id lists, the UnED list
+    server.mode = "nolength"
+    remote = _remote(server, tmp_path)
+    path = fetch(remote, retries=2, progress=False, backoff=0)
+    assert path.read_bytes() == PAYLOAD
+    # the cut transfer, the server asked for the bytes after it (it had more), the rest
+    cut = server.cut_at + 1000
+    assert [r[1] for r in server.requests][:3] == [None, f"bytes={cut}-", f"bytes={cut}-"]
+
+
+def test_a_body_cut_short_every_time_without_content_length_fails(server, tmp_path):
+    # no size, no range support, and every transfer cut at another place: never complete
+    server.mode, server.ranges, server.cut_always = "nolength", False, True
+    remote = _remote(server, tmp_path)
+    with pytest.raises(RuntimeError, match="differ"):
+        fetch(remote, retries=2, progress=False, backoff=0)
+    assert not Path(remote.path).exists()
+
+
+def test_a_complete_body_without_content_length_is_confirmed_by_the_server(server, tmp_path):
+    server.mode, server.cut_once = "nolength", False
+    remote = _remote(server, tmp_path)
+    assert fetch(remote, progress=False).read_bytes() == PAYLOAD
+    assert [r[1] for r in server.requests] == [None, f"bytes={len(PAYLOAD)}-"]  # 416: complete
+
+
+@pytest.mark.parametrize("honours_if_range", [True, False])
+def test_a_part_of_an_older_version_of_the_file_is_not_resumed(server, tmp_path, honours_if_range):
+    server.mode = "cut"
+    remote = _remote(server, tmp_path)  # no checksum: only the ETag tells the versions apart
+    with pytest.raises(RuntimeError):
+        fetch(remote, retries=1, progress=False, backoff=0)
+    part = Path(remote.path).with_name("data.bin.part")
+    assert part.stat().st_size == server.cut_at
+    new = bytes(reversed(PAYLOAD))  # the file changed on the server, same size
+    server.files["/data.bin"] = new
+    server.if_range = honours_if_range
+    fetch(remote, retries=1, progress=False)
+    assert Path(remote.path).read_bytes() == new
+    assert not part.exists() and not Path(remote.path).with_name("data.bin.part.json").exists()
+
+
+def test_a_part_without_a_recorded_origin_is_not_resumed(server, tmp_path):
+    remote = _remote(server, tmp_path)
+    part = Path(remote.path).with_name("data.bin.part")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(PAYLOAD[:1000][::-1])  # a leftover of unknown origin
+    fetch(remote, progress=False)
+    assert Path(remote.path).read_bytes() == PAYLOAD
+    assert [r[1] for r in server.requests] == [None]
+
+
+def test_a_range_resume_checks_the_servers_total_size(server, tmp_path):
+    server.mode = "cut"
+    remote = _remote(server, tmp_path)
+    with pytest.raises(RuntimeError):
+        fetch(remote, retries=1, progress=False, backoff=0)
+    # same ETag (a server that keeps it), but the object grew: the total of Content-Range differs
+    server.etags["/data.bin"] = f'"{hashlib.md5(PAYLOAD).hexdigest()}"'
+    new = PAYLOAD[::-1] + b"more"
+    server.files["/data.bin"] = new
+    server.if_range = False
+    fetch(remote, retries=1, progress=False)
+    assert Path(remote.path).read_bytes() == new
+
+
+def test_a_verified_stamp_is_for_one_url_and_one_set_of_checks(server, tmp_path):
+    remote = _remote(server, tmp_path)
+    fetch(remote, progress=False)
+    fetch(remote, progress=False)
+    assert len(server.requests) == 1  # the second call keeps the stamped file
+    server.files["/v2/data.bin"] = b"version 2"
+    moved = RemoteFile(remote.url.replace("/data.bin", "/v2/data.bin"), remote.path)
+    assert fetch(moved, progress=False).read_bytes() == b"version 2"  # another URL: fetched
+    # a checksum added to the configuration: the file in place is checked against it
+    with pytest.raises(RuntimeError, match="sha256"):
+        fetch(RemoteFile(moved.url, moved.path, sha256=SHA), retries=1, progress=False, backoff=0)
+
+
+def test_a_file_without_checks_and_without_a_stamp_is_fetched_again(server, tmp_path):
+    remote = _remote(server, tmp_path)
+    Path(remote.path).parent.mkdir(parents=True)
+    Path(remote.path).write_bytes(PAYLOAD[:10])  # e.g. a cut download of an older version
+    assert fetch(remote, progress=False).read_bytes() == PAYLOAD
+
+
+def _fake_hub(monkeypatch, files: dict[str, bytes]):
+    """The hub's listing and download of a repository holding ``files``."""
+    import huggingface_hub
+
+    from quari.data import sources
+    fetched = []
+
+    def fake_download(repo_id, filename, repo_type, revision, local_dir):
+        fetched.append(filename)
+        target = Path(local_dir) / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(files[filename])
+        return str(target)
+
+    def fake_listing(repo_id, pattern, repo_type="dataset", revision=None):
+        import fnmatch
+        return sorted(n for n in files if fnmatch.fnmatch(n, pattern))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(sources, "hf_matching_files", fake_listing)
+    return fetched
+
+
+def test_a_multi_file_set_is_complete_only_with_every_listed_file(tmp_path, monkeypatch):
+    from quari.data.sources import hf_files
+    files = {f"shard-{n}.tar": bytes([n]) * 10 for n in range(3)}
+    fetched = _fake_hub(monkeypatch, files)
+    local = tmp_path / "hf"
+    local.mkdir()
+    (local / "shard-0.tar").write_bytes(files["shard-0.tar"])  # an interrupted earlier run
+    (local / "shard-1.tar").write_bytes(files["shard-1.tar"])
+    got = hf_files("org/ds", "*.tar", local, download=True)
+    assert [Path(p).name for p in got] == sorted(files) and fetched == ["shard-2.tar"]
+    # downloads off afterwards: the listing kept from the download is the reference
+    (local / "shard-1.tar").unlink()
+    with pytest.raises(MissingDataError, match="shard-1.tar"):
+        hf_files("org/ds", "*.tar", local, download=False)
+
+
+def test_names_of_a_listing_never_leave_the_data_folder(tmp_path, monkeypatch):
+    from quari.data.sources import hf_files
+    from quari.paths import UnsafePathError
+    _fake_hub(monkeypatch, {"../evil.tar": b"x", "ok.tar": b"y"})
+    with pytest.raises(UnsafePathError, match="evil"):
+        hf_files("org/ds", "*.tar", tmp_path / "hf", download=True)
+    assert not (tmp_path / "evil.tar").exists()
+    with pytest.raises(UnsafePathError):
+        hf_file("org/ds", "/abs/evil.tar", tmp_path / "hf")

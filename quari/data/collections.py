@@ -32,6 +32,7 @@ from pathlib import Path
 
 from quari.data.tars import read_member_text, read_tar_samples
 from quari.embedding_cache import ImageSource
+from quari.paths import path_inside
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ def coco_pairs(captions_json: str | os.PathLike, image_dir: str | os.PathLike,
             raise ValueError(f"{captions_json}: no {key!r} list (not a COCO captions file)")
     images = sorted(data["images"], key=lambda im: im["id"])[:max_images]
     row = {im["id"]: n for n, im in enumerate(images)}
-    pairs = PairList(images=[(f"coco/{im['file_name']}", str(Path(image_dir) / im["file_name"]))
+    pairs = PairList(images=[(f"coco/{im['file_name']}",
+                              str(path_inside(image_dir, im["file_name"], f"{captions_json}: file_name")))
                              for im in images],
                      labels=[f"coco/{im['id']}" for im in images])
     for ann in sorted(data["annotations"], key=lambda a: a["id"]):
@@ -108,7 +110,7 @@ def table_pairs(table: str | os.PathLike, image_root: str | os.PathLike, image_c
         path = str(values[image_column])
         image_id = f"{name}/{path}"
         label = values[label_column] if label_column else image_id
-        pairs.images.append((image_id, str(Path(image_root) / path)))
+        pairs.images.append((image_id, str(path_inside(image_root, path, f"{table}: image"))))
         pairs.labels.append(None if pd.isna(label) else f"{name}/{label}")
         pairs.captions.append((f"{image_id}#0", str(values[caption_column]).strip(), n))
     return pairs
@@ -128,7 +130,8 @@ def uned_pairs(paths_file: str | os.PathLike, image_root: str | os.PathLike,
             if len(parts) != 3:
                 raise ValueError(f"{paths_file}:{lineno}: expected '<path>,<class>,<domain>'")
             path, label, domain = parts
-            pairs.images.append((f"uned/{path}", str(Path(image_root) / path)))
+            where = f"{paths_file}:{lineno}: path"
+            pairs.images.append((f"uned/{path}", str(path_inside(image_root, path, where))))
             pairs.labels.append(f"uned/{domain}/{label}")
     return pairs
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from quari.paths import safe_file_name
 from quari.store import EmbeddingSetWriter, atomic_write_bytes, l2_normalize
 
 logger = logging.getLogger(__name__)
@@ -213,7 +214,8 @@ def read_rerank(parquet_files: Sequence[str | os.PathLike]) -> RerankSplit:
 def extract_rerank_images(parquet_files: Sequence[str | os.PathLike], out_dir: str | os.PathLike
                           ) -> list[tuple[str, str]]:
     """Write each distinct candidate image once as ``<out_dir>/<inat24_image_id>.jpg`` (atomically;
-    files already there are kept) and return ``(image id, path)`` in first-appearance order.
+    files already there are kept; an id that is not a plain file name, such as ``../x``, is
+    written under a digest of it, :func:`quari.paths.safe_file_name`) and return ``(image id, path)`` in first-appearance order.
 
     Reads one parquet row group at a time, so memory stays bounded by a row group."""
     import pyarrow.parquet as pq
@@ -231,7 +233,7 @@ def extract_rerank_images(parquet_files: Sequence[str | os.PathLike], out_dir: s
                 image_id = str(image_id)
                 if image_id in items:
                     continue
-                target = out_dir / f"{image_id}.jpg"
+                target = out_dir / f"{safe_file_name(image_id)}.jpg"  # ids are data
                 if not target.exists():
                     data = image.get("bytes") if isinstance(image, dict) else image
                     if not data:

@@ -21,6 +21,8 @@ Layout under ``data_root``::
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import tarfile
@@ -29,27 +31,57 @@ from pathlib import Path
 
 from quari.data.downloads import (MissingDataError, RemoteFile, fetch, hf_file, hf_matching_files,
                                   read_checksums, require_files)
+from quari.paths import path_inside
+from quari.store import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
 
+def _listing_path(local_dir: Path, repo_id: str, pattern: str) -> Path:
+    key = hashlib.sha256(f"{repo_id}\0{pattern}".encode()).hexdigest()[:12]
+    return local_dir / f".listing-{key}.json"
+
+
 def hf_files(repo_id: str, pattern: str, local_dir: Path, download: bool,
              expected: int | None = None, repo_type: str = "dataset") -> list[str]:
-    """Local paths of a repository's files matching ``pattern``: those already in ``local_dir``
-    when complete (``expected`` files, or any when None), else fetched from the hub."""
+    """Local paths of every file of a repository matching ``pattern``.
+
+    With ``download`` the hub's listing says which files the set has (``expected`` of them when
+    given): each is used from ``local_dir`` when there, else fetched, and the listing is kept in
+    ``local_dir`` (``.listing-<key>.json``). Without, the files found locally are used only
+    when complete: every file of a listing kept by an earlier download must be there, or,
+    without one, ``expected`` files (any number when None, which cannot be checked).
+    """
+    listing = _listing_path(local_dir, repo_id, pattern)
+    if download:
+        names = hf_matching_files(repo_id, pattern, repo_type=repo_type)
+        if not names or (expected is not None and len(names) != expected):
+            raise ValueError(f"{repo_id}: {len(names)} files match {pattern!r}, expected "
+                             f"{expected or 'some'}; check the dataset card and the configuration")
+        for name in names:
+            path_inside(local_dir, name, f"file of {repo_id}")
+        atomic_write_json(listing, {"repo": repo_id, "pattern": pattern, "files": names})
+        return [str(hf_file(repo_id, n, local_dir, repo_type=repo_type)) for n in names]
+    if listing.is_file():
+        names = json.loads(listing.read_text())["files"]
+        missing = [n for n in names if not path_inside(local_dir, n).is_file()]
+        if missing:
+            raise MissingDataError(
+                f"{len(missing)} of the {len(names)} files of {repo_id} matching {pattern!r} "
+                f"(listed in {listing} when they were downloaded) are missing from {local_dir}, "
+                f"e.g. {missing[:3]}; switch downloads on (real.download: true) to fetch them")
+        return [str(local_dir / n) for n in names]
     # the hub keeps the repository's folders (data/test-00000-of-00004.parquet): look in them too
     local = sorted(str(p) for p in local_dir.rglob(pattern) if p.is_file())
-    if local and (expected is None or len(local) == expected):
-        return local
-    if not download:
+    if not local or (expected is not None and len(local) != expected):
         want = f"{expected} files" if expected else "files"
         raise MissingDataError(f"expected {want} matching {local_dir / pattern} "
                                f"({repo_id}), found {len(local)}")
-    names = hf_matching_files(repo_id, pattern, repo_type=repo_type)
-    if not names or (expected is not None and len(names) != expected):
-        raise ValueError(f"{repo_id}: {len(names)} files match {pattern!r}, expected "
-                         f"{expected or 'some'}; check the dataset card and the configuration")
-    return [str(hf_file(repo_id, n, local_dir, repo_type=repo_type)) for n in names]
+    if expected is None:
+        logger.warning("%s: %d local files match %s; with downloads off and no listing of %s "
+                       "kept, nothing shows the set is complete", local_dir, len(local), pattern,
+                       repo_id)
+    return local
 
 
 def _server_file(base_url: str, name: str, root: Path, download: bool,
