@@ -32,6 +32,9 @@ class LinearAdaptation(StaticProjectionMethod):
     def __init__(self, out_dim: int = 512, epochs: int = 5, batch_size: int = 128, lr: float = 1e-3,
                  weight_decay: float = 1e-6, scale: float = 16.0, margin: float = 0.0,
                  seed: int = 0, device: str | None = None):
+        if epochs < 1 or batch_size < 1 or out_dim < 1:  # 0 epochs = an untrained layer
+            raise ValueError(f"epochs, batch_size and out_dim must be at least 1, got {epochs}, "
+                             f"{batch_size} and {out_dim}")
         super().__init__(out_dim=out_dim, epochs=epochs, batch_size=batch_size, lr=lr,
                          weight_decay=weight_decay, scale=scale, margin=margin, seed=seed,
                          device=device)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from quari import metrics
 from quari.methods import RetrievalMethod, as_tensor
 from quari.scoring import cosine_topk
-from quari.store import EmbeddingSet
+from quari.store import EmbeddingSet, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,14 @@ class RetrievalTask:
     positives: dict[str, set[str]]
 
     def __post_init__(self):
+        for what, rows in (("queries", self.queries), ("gallery", self.gallery)):
+            if len(rows) == 0:
+                where = f" {rows.source}" if rows.source else ""
+                raise ValueError(f"task {self.name}: the {what}{where} is empty (every item "
+                                 "skipped, see its skipped.tsv, or nothing was listed); check "
+                                 "the data, then delete that folder and embed it again")
+        check_finite(self.queries.embeddings, self.queries.ids,
+                     f"task {self.name}: queries {self.queries.source or '(in memory)'}")
         missing = [q for q in self.queries.ids if q not in self.positives]
         if missing:
             raise ValueError(f"task {self.name}: {len(missing)} queries have no ground-truth entry, "

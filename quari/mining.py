@@ -13,6 +13,7 @@ the same image came back as a "semi-positive").
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -189,18 +190,36 @@ def mine_semipositives(image_embeddings: np.ndarray, image_ids: Sequence, k: int
     return SemiPositives(indices, weights, images.ids, images.source_rows, images.inverse)
 
 
-def save_semipositives(path: str | os.PathLike, semipositives: SemiPositives) -> None:
-    """Write ``semipositives`` to an ``.npz`` file atomically (ids as a plain array, no pickle)."""
+class StaleCacheError(ValueError):
+    """A cached result was computed from other inputs than the ones now given."""
+
+
+def save_semipositives(path: str | os.PathLike, semipositives: SemiPositives,
+                       source: dict | None = None) -> None:
+    """Write ``semipositives`` to an ``.npz`` file atomically (ids as a plain array, no pickle).
+
+    ``source`` records what they were mined from (the images' :func:`quari.store.
+    embedding_fingerprint` under ``"images"``, the mining settings), as JSON in the file."""
     ids = semipositives.image_ids
     if ids.dtype == object:
         ids = ids.astype(str)
     atomic_savez(path, indices=semipositives.indices, weights=semipositives.weights,
                  image_ids=ids, source_rows=semipositives.source_rows,
-                 inverse=semipositives.inverse)
+                 inverse=semipositives.inverse,
+                 source=np.array(json.dumps(source or {}, sort_keys=True)))
 
 
-def load_semipositives(path: str | os.PathLike) -> SemiPositives:
-    """Read what :func:`save_semipositives` wrote."""
+def load_semipositives(path: str | os.PathLike, images_fingerprint: str | None = None
+                       ) -> SemiPositives:
+    """Read what :func:`save_semipositives` wrote. With ``images_fingerprint`` (of the training
+    images about to be used), a file mined from other images, or recording none, raises
+    StaleCacheError naming the file to delete."""
     with np.load(path, allow_pickle=False) as f:
+        source = json.loads(str(f["source"])) if "source" in f.files else {}
+        if images_fingerprint is not None and source.get("images") != images_fingerprint:
+            raise StaleCacheError(
+                f"{path} was mined from other training images (fingerprint "
+                f"{source.get('images')}, the training images now are {images_fingerprint}); "
+                f"delete it and mine again (snakemake --forcerun mine_semipositives)")
         return SemiPositives(indices=f["indices"], weights=f["weights"], image_ids=f["image_ids"],
                              source_rows=f["source_rows"], inverse=f["inverse"])

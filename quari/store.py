@@ -12,6 +12,7 @@ process never leaves a file that looks complete. Loading memory-maps the shards.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -93,6 +94,37 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     atomic_write(path, _save_with(np.save, array))
 
 
+class NonFiniteRowsError(ValueError):
+    """Embedding rows holding NaN or infinite values."""
+
+
+def check_finite(embeddings, ids: Sequence[str], where: str, block_rows: int = 1 << 16) -> None:
+    """Raise NonFiniteRowsError naming ``where``, how many rows and the first ids whose
+    embeddings hold NaN or infinite values (read in blocks of ``block_rows``)."""
+    bad: list[int] = []
+    for start in range(0, len(embeddings), block_rows):
+        block = np.asarray(embeddings[start:start + block_rows])
+        rows = np.flatnonzero(~np.isfinite(block).all(axis=1))
+        bad += (rows + start).tolist()
+    if bad:
+        shown = ", ".join(repr(str(ids[i])) for i in bad[:10])
+        raise NonFiniteRowsError(
+            f"{where}: {len(bad)} of {len(embeddings)} embeddings hold NaN or infinite values, "
+            f"ids {shown}{' ...' if len(bad) > 10 else ''}; the model or its input is broken "
+            "for these items (check them, or the model's precision settings)")
+
+
+def embedding_fingerprint(ids: Sequence[str], embeddings) -> str:
+    """A digest of rows and their ids (dtype, shape, every byte, read in blocks): what a cache
+    derived from them (mined semi-positives) records, to be checked before it is used."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{np.dtype(embeddings.dtype).str}{tuple(embeddings.shape)}".encode())
+    digest.update("\n".join(map(str, ids)).encode("utf-8"))
+    for start in range(0, len(embeddings), 1 << 16):
+        digest.update(np.ascontiguousarray(embeddings[start:start + (1 << 16)]))
+    return digest.hexdigest()
+
+
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
@@ -104,10 +136,12 @@ class EmbeddingSet:
 
     embeddings: np.ndarray  # [N, E], float16 on disk, memory-mapped when loaded
     ids: list[str]
+    source: str = ""  # the folder it was loaded from, for error messages ("" = built in memory)
 
     def __post_init__(self):
         if len(self.ids) != len(self.embeddings):
-            raise ValueError(f"{len(self.ids)} ids for {len(self.embeddings)} embeddings")
+            where = f"{self.source}: " if self.source else ""
+            raise ValueError(f"{where}{len(self.ids)} ids for {len(self.embeddings)} embeddings")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -130,6 +164,76 @@ def _read_manifest(directory: Path) -> dict:
     return manifest
 
 
+LOCK_FILE = ".writer.lock"
+
+
+class CacheBusyError(RuntimeError):
+    """Another process is writing the same cache folder."""
+
+
+_HELD_LOCKS: dict[str, list] = {}  # folder -> [open lock file, holders in this process]
+
+
+class FolderLock:
+    """An exclusive lock on a folder for one writing process (``flock`` on
+    ``<folder>/.writer.lock``, which also says which process holds it). The system releases it
+    when the process ends, even by kill -9, so a crash never leaves a stale lock; another
+    process that tries to write the folder fails at once with CacheBusyError naming the folder
+    and the holder. Within one process the lock is shared (a restarted writer object resumes
+    what an abandoned one began). ``flock`` may not work across the hosts of some network file
+    systems."""
+
+    def __init__(self, directory: str | os.PathLike, what: str = "cache"):
+        import fcntl
+        import socket
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._key = str(self.directory.resolve())
+        self._released = False
+        held = _HELD_LOCKS.get(self._key)
+        if held is not None:
+            held[1] += 1
+            return
+        lock_file = open(self.directory / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "unknown process"
+            lock_file.close()
+            raise CacheBusyError(
+                f"{self.directory} is being written by another job ({holder}); two writers on "
+                f"one {what} would mix their files. Wait for that job to finish or stop it, then "
+                "run again (a stopped job's partial files are resumed or replaced)") from None
+        lock_file.seek(0)
+        lock_file.truncate()
+        lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock_file.flush()
+        _HELD_LOCKS[self._key] = [lock_file, 1]
+
+    def release(self, everyone: bool = False) -> None:
+        """Give up this holder's share; the lock goes when no holder in this process is left
+        (``everyone``: at once, e.g. when the folder is complete and abandoned writers of it
+        in this process can have nothing left to write)."""
+        if self._released:
+            return
+        self._released = True
+        held = _HELD_LOCKS.get(self._key)
+        if held is None:
+            return
+        held[1] = 0 if everyone else held[1] - 1
+        if held[1] == 0:
+            del _HELD_LOCKS[self._key]
+            (self.directory / LOCK_FILE).unlink(missing_ok=True)  # still held: no one else
+            held[0].close()  # closing the descriptor releases the lock
+
+    def __enter__(self) -> "FolderLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class EmbeddingSetWriter:
     """Writes an embedding set shard by shard; ``close()`` writes the manifest.
 
@@ -139,7 +243,7 @@ class EmbeddingSetWriter:
 
     def __init__(self, directory: str | os.PathLike, dim: int, dtype: str = "float16"):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = FolderLock(self.directory, "embedding set")  # held until close()
         self.dim, self.dtype = dim, dtype
         self._partial = self.directory / ".partial-manifest.json"
         self.shards: list[dict] = []
@@ -162,6 +266,7 @@ class EmbeddingSetWriter:
             raise ValueError(f"{len(ids)} ids for {len(embeddings)} rows")
         if any(("\n" in i) for i in ids):
             raise ValueError("ids must not contain newlines")
+        check_finite(embeddings, ids, f"shard {len(self.shards)} of {self.directory}")
         n = len(self.shards)
         name = f"shard-{n:05d}"
         atomic_save_npy(self.directory / f"{name}.npy", embeddings.astype(self.dtype))
@@ -176,6 +281,7 @@ class EmbeddingSetWriter:
         })
         if self._partial.exists():
             self._partial.unlink()
+        self._lock.release(everyone=True)
 
 
 def save_embedding_set(directory: str | os.PathLike, embeddings: np.ndarray, ids: Sequence[str],
@@ -193,13 +299,26 @@ def save_embedding_set(directory: str | os.PathLike, embeddings: np.ndarray, ids
 
 
 def iter_shards(directory: str | os.PathLike) -> Iterator[EmbeddingSet]:
-    """Yield the shards of an embedding set one at a time (memory-mapped)."""
+    """Yield the shards of an embedding set one at a time (memory-mapped). A shard that is
+    truncated, of another width or row count than its manifest says, or whose ids file has
+    another number of lines, raises ValueError naming the file and the folder to delete."""
     directory = Path(directory)
     manifest = _read_manifest(directory)
+    redo = f"delete {directory} and compute it again"
     for shard in manifest["shards"]:
-        emb = np.load(directory / shard["file"], mmap_mode="r")
+        path = directory / shard["file"]
+        try:
+            emb = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise ValueError(f"{path} cannot be read (truncated or corrupt: {err}); {redo}") from err
+        if emb.ndim != 2 or emb.shape[1] != manifest["dim"] or emb.shape[0] != shard["rows"]:
+            raise ValueError(f"{path} holds an array of shape {tuple(emb.shape)}; the manifest "
+                             f"says {shard['rows']} rows of width {manifest['dim']}; {redo}")
         ids = (directory / shard["ids"]).read_text().splitlines()
-        yield EmbeddingSet(emb, ids)
+        if len(ids) != len(emb):
+            raise ValueError(f"{directory / shard['ids']} lists {len(ids)} ids for the "
+                             f"{len(emb)} rows of {path}; {redo}")
+        yield EmbeddingSet(emb, ids, source=str(directory))
 
 
 class ShardedRows:
@@ -266,14 +385,15 @@ def load_embedding_set(directory: str | os.PathLike, mmap: bool = True) -> Embed
     are a :class:`ShardedRows` view (nothing is concatenated). ``mmap=False`` reads it all."""
     shards = list(iter_shards(directory))
     manifest = _read_manifest(Path(directory))
+    source = str(directory)
     if not shards:
-        return EmbeddingSet(np.zeros((0, manifest["dim"]), dtype=np.float16), [])
+        return EmbeddingSet(np.zeros((0, manifest["dim"]), dtype=np.float16), [], source)
     ids = [i for s in shards for i in s.ids]
     if not mmap:
-        return EmbeddingSet(np.concatenate([s.embeddings for s in shards]), ids)
+        return EmbeddingSet(np.concatenate([s.embeddings for s in shards]), ids, source)
     if len(shards) == 1:
-        return EmbeddingSet(shards[0].embeddings, ids)
-    return EmbeddingSet(ShardedRows([s.embeddings for s in shards]), ids)
+        return EmbeddingSet(shards[0].embeddings, ids, source)
+    return EmbeddingSet(ShardedRows([s.embeddings for s in shards]), ids, source)
 
 
 def embedding_set_meta(directory: str | os.PathLike) -> dict:

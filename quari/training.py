@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import hashlib
 import logging
 import math
 import os
@@ -33,7 +35,7 @@ from tqdm.auto import tqdm
 from quari.losses import symmetric_contrastive_loss
 from quari.mining import SemiPositives, dedupe_images
 from quari.model import QuARI, QuARIConfig
-from quari.store import atomic_write, atomic_write_json
+from quari.store import FolderLock, atomic_write, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # run is declared diverged; each skip halves the scale, so 30 covers any transient overflow.
 MAX_SKIPPED_STEPS = 30
 CHECKPOINT_FILE = "checkpoint.pt"
+# where a checkpoint of other training data is moved when a run starts over
+PREVIOUS_CHECKPOINT_FILE = "checkpoint.previous.pt"
 HISTORY_FILE = "history.json"
 CHECKPOINT_FORMAT = 1
 # TrainConfig fields that may change between an interrupted run and its resumption.
@@ -432,20 +436,52 @@ def _save_checkpoint(path: Path, **payload) -> None:
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def _check_resumable(saved: dict, config: TrainConfig, model_config: QuARIConfig) -> None:
+def data_fingerprint(*datas: TrainingData | None) -> str:
+    """A digest of everything the training data holds (every tensor's dtype, shape and bytes,
+    of the training and validation data and their semi-positives): a checkpoint is resumed only
+    by a run on the very same data. Costs one read of the tensors (about 1 GB/s)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for data in datas:
+        if data is None:
+            digest.update(b"none")
+            continue
+        for name in ("queries", "images", "targets", "semipositives", "semipositive_weights",
+                     "image_groups"):
+            tensor = getattr(data, name)
+            digest.update(f"{name}:{None if tensor is None else (tensor.dtype, tuple(tensor.shape))}"
+                          .encode())
+            if tensor is None or tensor.numel() == 0:
+                continue
+            flat = tensor.detach().reshape(len(tensor), -1) if tensor.dim() else tensor.reshape(1)
+            for start in range(0, len(flat), 1 << 16):
+                block = flat[start:start + (1 << 16)].cpu().contiguous()
+                digest.update(block.view(torch.uint8).numpy() if block.dtype != torch.bool
+                              else block.to(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _check_resumable(path: Path, saved: dict, config: TrainConfig,
+                     model_config: QuARIConfig) -> None:
+    """Raise when ``saved`` was written with other settings: naming the file and how to start
+    over (a resumed run must continue the same training, never mix two)."""
+    restart = (f"delete {path} to start this training over (or restore the settings to "
+               "resume it)")
     if saved["model_config"] != asdict(model_config):
-        raise ValueError(f"checkpoint was written for model config {saved['model_config']}, "
-                         f"not {asdict(model_config)}")
+        now = asdict(model_config)
+        changed = sorted(k for k in now if saved["model_config"].get(k) != now[k])
+        raise ValueError(f"{path} was written for another model config: "
+                         + ", ".join(f"{k}={saved['model_config'].get(k)!r} (now {now[k]!r})"
+                                     for k in changed) + f"; {restart}")
     now = asdict(config)
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES
                      and saved["train_config"].get(k) != now[k])
     if changed:
-        raise ValueError("checkpoint was written with other training settings: "
+        raise ValueError(f"{path} was written with other training settings: "
                          + ", ".join(f"{k}={saved['train_config'].get(k)!r} (now {now[k]!r})"
-                                     for k in changed))
+                                     for k in changed) + f"; {restart}")
 
 
-def train(config: TrainConfig, model_config: QuARIConfig, train_data: TrainingData,
+def _train(config: TrainConfig, model_config: QuARIConfig, train_data: TrainingData,
           valid_data: TrainingData | None = None, *,
           checkpoint_dir: str | os.PathLike | None = None,
           resume: bool = True, progress: bool = True,
@@ -477,11 +513,22 @@ def train(config: TrainConfig, model_config: QuARIConfig, train_data: TrainingDa
     state = _State()
 
     path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    fingerprint = data_fingerprint(train_data, valid_data) if path is not None else None
+    saved = None
     if path is not None and resume and path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: unsupported checkpoint format {saved.get('format')}")
-        _check_resumable(saved, config, model_config)
+            raise ValueError(f"{path}: unsupported checkpoint format {saved.get('format')}; "
+                             f"delete it to start this training over")
+        _check_resumable(path, saved, config, model_config)
+        if saved.get("data_fingerprint") != fingerprint:
+            kept = path.with_name(PREVIOUS_CHECKPOINT_FILE)
+            logger.warning("%s was written on other training data (fingerprint %s, now %s): "
+                           "starting over from step 0; the old checkpoint is kept as %s",
+                           path, saved.get("data_fingerprint"), fingerprint, kept)
+            os.replace(path, kept)
+            saved = None
+    if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -495,7 +542,8 @@ def train(config: TrainConfig, model_config: QuARIConfig, train_data: TrainingDa
 
     def checkpoint() -> None:
         _save_checkpoint(
-            path, format=CHECKPOINT_FORMAT, train_config=asdict(config),
+            path, format=CHECKPOINT_FORMAT, data_fingerprint=fingerprint,
+            train_config=asdict(config),
             model_config=asdict(model_config), model=_cpu_state(model),
             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
             scaler=scaler.state_dict(),
@@ -586,3 +634,17 @@ def train(config: TrainConfig, model_config: QuARIConfig, train_data: TrainingDa
                        best_step=state.best_step,
                        best_val_loss=None if state.best_step is None else state.best_val,
                        stopped_early=state.stopped_early)
+
+
+@functools.wraps(_train)
+def train(config: TrainConfig, model_config: QuARIConfig, train_data: TrainingData,
+          valid_data: TrainingData | None = None, *,
+          checkpoint_dir: str | os.PathLike | None = None, **options) -> TrainResult:
+    # one training per checkpoint folder: a second writer fails at once (quari.store.FolderLock)
+    lock = FolderLock(checkpoint_dir, "training checkpoint") if checkpoint_dir is not None else None
+    try:
+        return _train(config, model_config, train_data, valid_data,
+                      checkpoint_dir=checkpoint_dir, **options)
+    finally:
+        if lock is not None:
+            lock.release()

@@ -27,20 +27,44 @@ REAL_SOURCES = (["ilias_core", "ilias_mini", "ilias_yfcc", "inquire", "inquire_r
 
 def _check_config_early():
     """Errors in nested settings (world, model, training, method names) at load, not mid-run."""
+    from quari.config import check_parameters, deep_merge
     from quari.methods import get_method
     from quari.model import QuARIConfig
     from quari.training import TrainConfig
 
+    # every method entry and nested block against the code that takes it (keys and types)
+    nested = {"quari": {"model": QuARIConfig, "train": TrainConfig},
+              "finetuned_backbone": {"train": TrainConfig}}
+    ignore = ("self", "device", "embedding_dim")
+    problems = check_parameters(TrainConfig, config["quari"]["train"], "quari.train", ignore)
     for name in METHODS:
         try:
-            get_method(method_type(name))
+            cls = get_method(method_type(name))
         except KeyError as err:
             raise WorkflowError(f"methods.{name}: {err.args[0]}") from None
+        problems += check_parameters(cls, method_params(name), f"methods.{name}", ignore,
+                                     nested.get(method_type(name)))
+    if problems:
+        raise WorkflowError("invalid configuration:\n  " + "\n  ".join(problems))
     try:
         QuARIConfig(embedding_dim=8, **{**config["quari"]["model"], "hidden_dim": 8, "nhead": 1})
         TrainConfig(**config["quari"]["train"])
     except (TypeError, ValueError) as err:
         raise WorkflowError(f"quari: {err}") from None
+    # then their values, as each method checks them when it is built (as train_method builds it)
+    for name in METHODS:
+        kind, params = method_type(name), method_params(name)
+        try:
+            if kind == "quari":
+                params = deep_merge(config["quari"], params)
+                QuARIConfig(embedding_dim=8, **{**params["model"], "hidden_dim": 8, "nhead": 1})
+            if kind == "finetuned_backbone":
+                params = deep_merge({"train": config["quari"]["train"]}, params)
+            if "train" in params and kind in nested:
+                TrainConfig(**params["train"])
+            get_method(kind)(**params, device="cpu")
+        except (TypeError, ValueError, KeyError) as err:
+            raise WorkflowError(f"methods.{name}: {err}") from None
     if config["data"] == "synthetic":
         needs_real = [m for m in METHODS if method_type(m) in RERANKER_BENCHMARK]
         if needs_real:

@@ -9,7 +9,7 @@ from quari.methods import get_method
 from quari.config import deep_merge
 from quari.mining import load_semipositives
 from quari.runlog import log_to
-from quari.store import load_training_collection
+from quari.store import embedding_fingerprint, load_training_collection
 
 log = logging.getLogger("quari.train")
 
@@ -27,8 +27,6 @@ def main(smk):
     device = None if p.device == "auto" else p.device
     method = cls(**params, device=device)
     context = {}
-    if "semipositives" in smk.input.keys():
-        context["semipositives"] = load_semipositives(smk.input.semipositives)
     if "oracle" in smk.input.keys():
         context["oracle_file"] = smk.input.oracle
     # Table 3's re-rankers read files the rules prepared: local descriptors (chamfer, spatial
@@ -37,6 +35,9 @@ def main(smk):
         if key in smk.input.keys():
             context[key] = str(Path(getattr(smk.input, key)).resolve())
     train = load_training_collection(smk.input.train)
+    if "semipositives" in smk.input.keys():  # only when mined from these very images
+        context["semipositives"] = load_semipositives(
+            smk.input.semipositives, embedding_fingerprint(train.images.ids, train.images.embeddings))
     valid = load_training_collection(smk.input.valid)
     out_dir = Path(smk.output[0]).parent
     log.info("fitting %s (%s) on %d images / %d captions", smk.wildcards.method, p.method_type,
