@@ -29,7 +29,8 @@ from quari.evaluation import k_label
 from quari.store import atomic_write_text
 
 COLUMNS = ["table", "benchmark", "setting", "backbone", "method", "metric", "value", "paper_value",
-           "delta", "shortlist", "ms_per_1k_pairs", "ms_per_100_pairs", "data", "run_id"]
+           "delta", "shortlist", "ms_per_1k_pairs", "ms_per_100_pairs", "data", "run_id",
+           "dropped"]  # dropped: items left out of the row's scores, in words ("" = none)
 
 #: table name -> (the paper's sub-tables it holds, title)
 TABLES = {
@@ -203,6 +204,23 @@ def _best_possible(ev: dict, mode: str, res: dict) -> dict[str, float]:
                                  res["shortlist"], ev["benchmark"], k)
 
 
+def dropped_note(ev: dict, task: str) -> str:
+    """What an evaluation left out (its ``dropped`` reports, quari.dropped), in words: queries
+    of this task, gallery items, training images and pairs; "" when nothing."""
+    reports = ev.get("dropped") or {}
+    queries = {"i2i": "image_queries"}.get(task, "text_queries")
+    parts = []
+    for key, what in ((queries, "queries"), ("gallery", "gallery images"),
+                      ("training", "training images")):
+        report = reports.get(key) or {}
+        if report.get("dropped"):
+            of = f" of {report['requested']:,}" if report.get("requested") else ""
+            extra = (f" (and {report['captions_dropped']:,} training pairs)"
+                     if report.get("captions_dropped") else "")
+            parts.append(f"{report['dropped']:,}{of} {what} left out{extra}")
+    return "; ".join(parts)
+
+
 def evaluation_rows(evaluations: Iterable[dict]) -> pd.DataFrame:
     """One row per (benchmark, task, mode, backbone, method, metric) from evaluation JSONs, in
     our own spelling, plus a ``best_possible`` row per re-ranking of the backbone's evaluation
@@ -225,6 +243,7 @@ def evaluation_rows(evaluations: Iterable[dict]) -> pd.DataFrame:
                     "task": task, "mode": mode, "setting": setting, "backbone": ev["backbone"],
                     "shortlist": res.get("shortlist", "all"), "data": ev["data"],
                     "run_id": ev["run_id"], "shortlist_source": res.get("shortlist_source"),
+                    "dropped": dropped_note(ev, task),
                 }
                 measured = {"method": renamed[mode != "search"] if renamed else ev["method"],
                             "ms_per_1k_pairs": ms_1k,
@@ -425,7 +444,12 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
             if column not in columns:
                 columns.append(column)
             row = rows.setdefault((r["backbone"], r["method"]),
-                                  {"reported_only": True, "shortlist": "", "ms": ""})
+                                  {"reported_only": True, "shortlist": "", "ms": "", "notes": []})
+            note = r.get("dropped")
+            if isinstance(note, str) and note:
+                note = f"{r['setting']}: {note}"
+                if note not in row["notes"]:
+                    row["notes"].append(note)
             ours = "–" if pd.isna(r["value"]) else _number(r["value"])
             paper = "" if pd.isna(r["paper_value"]) else f" ({r['paper_value']:g})"
             row[column] = ours + paper
@@ -438,9 +462,13 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
         rerank = str(tab).startswith("3")
         cost_head = "ms / 100 pairs" if bench.startswith("inquire") else "ms / 1k pairs"
         head = ["backbone", "method", *columns, "shortlist"] + ([cost_head] if rerank else [])
-        body = []
+        body, footnotes = [], []
         for (backbone, method), row in rows.items():
             label = DISPLAY_NAME.get(method, method) + (" †" if row["reported_only"] else "")
+            if row["notes"]:  # items left out: a footnote, never a silent denominator change
+                footnotes.append(f"[{len(footnotes) + 1}] {backbone}, {label}: "
+                                 + "; ".join(row["notes"]) + ".")
+                label += f" [{len(footnotes)}]"
             body.append([backbone, label, *(row.get(c, "") for c in columns), row["shortlist"]]
                         + ([row["ms"]] if rerank else []))
         lines += [f"## Table {tab}: {bench}", ""]
@@ -450,6 +478,9 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
         if str(tab) == "3b" and (part["data"] == "real").any():
             lines += [RERANK_SCORING_NOTE, ""]
         lines += [_md(head, body), ""]
+        if footnotes:
+            lines += ["Left out of the scores above (unreadable images; see each set's "
+                      "skipped.tsv):", "", *footnotes, ""]
     return "\n".join(lines)
 
 

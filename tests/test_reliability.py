@@ -411,3 +411,65 @@ def test_zero_epochs_of_linear_adaptation_fail_at_load(tmp_path):
     assert run.returncode != 0
     assert "methods.linear_adaptation" in run.stderr + run.stdout
     assert "epochs" in run.stderr + run.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# every item left out is counted, shown, and too many stop the run
+
+
+def _set_with_skips(folder, requested, skipped_ids):
+    """An embedding set as the embedding cache leaves it when items could not be read."""
+    import numpy as np
+
+    from quari.store import save_embedding_set
+    kept = [f"k{i}" for i in range(requested - len(skipped_ids))]
+    save_embedding_set(folder, np.ones((len(kept), 4), np.float32), kept,
+                       meta={"requested": requested, "embedded": len(kept),
+                             "skipped": len(skipped_ids)})
+    (folder / "skipped.tsv").write_text("id\treason\n" + "".join(
+        f"{i}\tOSError: truncated\n" for i in skipped_ids))
+    return folder
+
+
+def test_dropped_items_are_counted_and_too_many_stop_with_the_list(tmp_path):
+    from quari.dropped import TooManyDroppedError, check_dropped, set_report, training_report
+    queries = set_report(_set_with_skips(tmp_path / "q", 100, ["bad1", "bad2"]))
+    gallery = set_report(_set_with_skips(tmp_path / "g", 1000, ["g7"]))
+    assert (queries["requested"], queries["dropped"]) == (100, 2)
+    assert queries["ids"] == ["bad1 (OSError: truncated)", "bad2 (OSError: truncated)"]
+    assert queries["list"] == str(tmp_path / "q" / "skipped.tsv")
+    training = training_report({"images_requested": 50, "images_embedded": 45,
+                                "captions_of_skipped_images": 9})
+    assert (training["dropped"], training["captions_dropped"]) == (5, 9)
+    check_dropped({"image_queries": queries, "gallery": gallery}, max_fraction=0.02)
+    with pytest.raises(TooManyDroppedError) as err:
+        check_dropped({"image_queries": queries, "gallery": gallery, "training": training},
+                      max_fraction=0.015)
+    message = str(err.value)
+    assert "image_queries: 2 of 100" in message and "bad1" in message
+    assert str(tmp_path / "q" / "skipped.tsv") in message and "training: 5 of 50" in message
+    assert "gallery" not in message.split("\n", 1)[1].split("repair")[0]  # 0.1% is allowed
+    assert "max_dropped_fraction" in message
+
+
+def test_a_dropped_query_is_a_footnote_in_the_table(tmp_path):
+    import pandas as pd
+
+    from reporting.tables import evaluation_rows, write_table
+    from tests.test_tables import evaluation
+    paper = pd.read_csv(Path(__file__).resolve().parents[1] / "workflow/resources/paper_numbers.csv")
+    ev = evaluation("quari", "quari", "siglip-vit-l16@384")
+    ev["dropped"] = {"image_queries": {"requested": 1232, "dropped": 3},
+                     "text_queries": {"requested": 1232, "dropped": 0},
+                     "gallery": {"requested": 5_000_000, "dropped": 0}, "training": None}
+    clean = evaluation("identity", "identity", "siglip-vit-l16@384")
+    df = evaluation_rows([ev, clean])
+    assert set(df.loc[(df["method"] == "quari") & (df["task"] == "i2i"), "dropped"]) == {
+        "3 of 1,232 queries left out"}
+    assert set(df.loc[df["task"] == "t2i", "dropped"]) == {""}
+    table = write_table(df, paper, "1", tmp_path / "t.csv", tmp_path / "t.md")
+    assert "3 of 1,232 queries left out" in set(pd.read_csv(tmp_path / "t.csv")["dropped"].dropna())
+    md = (tmp_path / "t.md").read_text()
+    assert "QuARI [1]" in md or "quari [1]" in md.lower()
+    assert "[1] siglip-vit-l16@384" in md and "3 of 1,232 queries left out" in md
+    assert len(table)

@@ -10,6 +10,7 @@ from quari.methods import get_method
 from baselines.local_features.rerankers import LocalFeatureReranker
 from quari.data.inquire import rerank_candidates, rerank_full_pool_positives
 from quari.evaluation import RetrievalTask, evaluate_rerank, evaluate_search, hardware_name
+from quari.dropped import DROPPED_FILE, check_dropped, read_training_report, set_report
 from quari.runlog import log_to
 from quari.store import atomic_write_json, load_embedding_set, load_positives
 
@@ -22,9 +23,11 @@ def main(smk):
     cls = get_method(p.method_type)
     device = None if p.device == "auto" else p.device
     method = cls.load(Path(smk.input.model).parent, device=device)
+    ev = p.evaluation
+    dropped = dropped_reports(smk)
+    check_dropped(dropped, ev["max_dropped_fraction"])  # before any work, with the list
     gallery = load_embedding_set(smk.input.gallery)
     positives = load_positives(smk.input.positives)
-    ev = p.evaluation
     if w.benchmark == "inquire_rerank":
         return write_result(smk, cls, method, "inquire", len(gallery),
                             {"t2i": evaluate_inquire_rerank(smk, method, gallery, positives)})
@@ -88,6 +91,15 @@ def evaluate_inquire_rerank(smk, method, gallery, positives):
     return {"rerank": result, "rerank_full_pool": {**timing, **scored}}
 
 
+def dropped_reports(smk):
+    """What the gallery, the query sets and the method's training data left out (quari.dropped)."""
+    sets = {key: getattr(smk.input, key) for key in ("gallery", "image_queries", "text_queries")
+            if key in smk.input.keys()}
+    reports = {key: set_report(path) for key, path in sets.items()}
+    reports["training"] = read_training_report(Path(smk.input.model).parent / DROPPED_FILE)
+    return reports
+
+
 def write_result(smk, cls, method, benchmark, gallery_size, results):
     """The evaluation JSON; `benchmark` is the paper's benchmark name (ilias / inquire), the
     setting follows from the gallery size and the mode (reporting.tables)."""
@@ -96,6 +108,7 @@ def write_result(smk, cls, method, benchmark, gallery_size, results):
         "run_id": p.run_id, "data": p.data, "benchmark": benchmark, "backbone": w.backbone,
         "method": w.method, "method_type": p.method_type, "label": cls.label or cls.name,
         "device": str(method.device), "hardware": hardware_name(method.device), "gallery_size": gallery_size, "tasks": results,
+        "dropped": dropped_reports(smk),
     })
 
 

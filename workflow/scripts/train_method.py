@@ -8,8 +8,9 @@ import torch
 from quari.methods import get_method
 from quari.config import deep_merge
 from quari.mining import load_semipositives
+from quari.dropped import DROPPED_FILE, training_report
 from quari.runlog import log_to
-from quari.store import embedding_fingerprint, load_training_collection
+from quari.store import atomic_write_json, embedding_fingerprint, load_training_collection
 
 log = logging.getLogger("quari.train")
 
@@ -42,6 +43,12 @@ def main(smk):
     out_dir = Path(smk.output[0]).parent
     log.info("fitting %s (%s) on %d images / %d captions", smk.wildcards.method, p.method_type,
              len(train.images), len(train.captions))
+    dropped = training_report(train.meta)
+    if dropped["dropped"]:
+        log.warning("training data: %d of %d images could not be embedded and are left out, with "
+                    "%d captions (training pairs) that described them", dropped["dropped"],
+                    dropped["requested"], dropped["captions_dropped"])
+    atomic_write_json(out_dir / DROPPED_FILE, dropped)
     method.fit(train, valid, workdir=out_dir / "work", **context)
     method.save(out_dir)
 
