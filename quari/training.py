@@ -439,7 +439,7 @@ def _save_checkpoint(path: Path, **payload) -> None:
 def data_fingerprint(*datas: TrainingData | None) -> str:
     """A digest of everything the training data holds (every tensor's dtype, shape and bytes,
     of the training and validation data and their semi-positives): a checkpoint is resumed only
-    by a run on the very same data. Costs one read of the tensors (about 1 GB/s)."""
+    by a run on the very same data. Costs one read of the tensors."""
     digest = hashlib.blake2b(digest_size=16)
     for data in datas:
         if data is None:

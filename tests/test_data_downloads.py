@@ -336,3 +336,14 @@ def test_names_of_a_listing_never_leave_the_data_folder(tmp_path, monkeypatch):
     assert not (tmp_path / "evil.tar").exists()
     with pytest.raises(UnsafePathError):
         hf_file("org/ds", "/abs/evil.tar", tmp_path / "hf")
+
+
+def test_fewer_local_yfcc_shards_than_configured_are_reported(tmp_path):
+    from quari.data.sources import locate_ilias_yfcc
+    shards = tmp_path / "ilias" / "server" / "yfcc100m"
+    shards.mkdir(parents=True)
+    for n in range(3):
+        (shards / f"{n:04d}.tar").write_bytes(b"x")
+    assert len(locate_ilias_yfcc({"yfcc_shards": 3}, tmp_path, False)["distractor_tars"]) == 3
+    with pytest.raises(MissingDataError, match="3 YFCC100M shards, the configuration asks for 5"):
+        locate_ilias_yfcc({"yfcc_shards": 5}, tmp_path, False)

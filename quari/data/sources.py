@@ -32,7 +32,7 @@ from pathlib import Path
 from quari.data.downloads import (MissingDataError, RemoteFile, fetch, hf_file, hf_matching_files,
                                   read_checksums, require_files)
 from quari.paths import path_inside
-from quari.store import atomic_write_json
+from quari.store import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +155,13 @@ def locate_ilias_yfcc(cfg: dict, data_root: str | os.PathLike, download: bool) -
             require_files([(server / "checksums.txt", "ILIAS server checksums"),
                            (server / "yfcc100m", "YFCC100M distractor shards")])
         limit = cfg.get("yfcc_shards")
+        if limit and len(tars) < limit:
+            raise MissingDataError(f"{server / 'yfcc100m'}: {len(tars)} YFCC100M shards, the "
+                                   f"configuration asks for {limit} (real.ilias.yfcc_shards); "
+                                   "switch downloads on or copy the missing shards there")
+        if not limit:
+            logger.warning("%s: %d YFCC100M shards and no checksums.txt to tell whether that is "
+                           "all of them", server / "yfcc100m", len(tars))
         return {"distractor_tars": tars[:limit] if limit else tars}
     sums = _checksums(cfg, server, download)
     names = sorted(n for n in sums if "yfcc100m" in n and n.endswith(".tar"))
@@ -209,6 +216,10 @@ def locate_inat24_images(cfg: dict, root: Path, download: bool) -> str:
     """The extracted iNat24 ``train/`` folder (downloading and extracting train.tar.gz if needed)."""
     done = root / ".train-extracted"
     if (root / "train").is_dir() and (done.exists() or not download):
+        if not done.exists():
+            logger.warning("%s has no %s marker: if it came from an interrupted extraction it "
+                           "is incomplete (switch downloads on to extract it again)",
+                           root / "train", done.name)
         return str(root)
     archive = root / "train.tar.gz"
     if not download:
@@ -217,7 +228,7 @@ def locate_inat24_images(cfg: dict, root: Path, download: bool) -> str:
     logger.info("extracting %s (441 GB)", archive)
     with tarfile.open(archive, "r:gz") as tar:
         tar.extractall(root, filter="data")
-    done.write_text("ok\n")
+    atomic_write_text(done, "ok\n")  # written last: its presence = extraction complete
     return str(root)
 
 
@@ -247,9 +258,15 @@ def locate_collection(name: str, cfg: dict, data_root: str | os.PathLike, downlo
     if kind == "coco":
         captions = root / "annotations" / "captions_train2017.json"
         images = root / "train2017"
+        zips = ((cfg["annotations_url"], "annotations_trainval2017.zip"),
+                (cfg["images_url"], "train2017.zip"))
         if download and not (captions.is_file() and images.is_dir()):
-            _fetch_zip(cfg["annotations_url"], root, "annotations_trainval2017.zip")
-            _fetch_zip(cfg["images_url"], root, "train2017.zip")
+            for url, zip_name in zips:
+                _fetch_zip(url, root, zip_name)
+        elif download:  # a zip of ours whose extraction was interrupted is extracted again
+            for url, zip_name in zips:
+                if (root / zip_name).exists() and not _extracted_marker(root, zip_name).exists():
+                    _fetch_zip(url, root, zip_name)
         require_files([(captions, "MS-COCO captions"), (images, "MS-COCO train2017 images")])
         return {"format": kind, "captions": str(captions), "images": str(images)}
     if kind == "webdataset":
@@ -288,3 +305,8 @@ def _fetch_zip(url: str, root: Path, name: str) -> None:
             archive.unlink()
             raise ValueError(f"{archive}: member {bad} fails its CRC; removed, run again")
         z.extractall(root)
+    atomic_write_text(_extracted_marker(root, name), "ok\n")  # last: extraction complete
+
+
+def _extracted_marker(root: Path, name: str) -> Path:
+    return root / f".{name}.extracted"
