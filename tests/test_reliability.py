@@ -473,3 +473,17 @@ def test_a_dropped_query_is_a_footnote_in_the_table(tmp_path):
     assert "QuARI [1]" in md or "quari [1]" in md.lower()
     assert "[1] siglip-vit-l16@384" in md and "3 of 1,232 queries left out" in md
     assert len(table)
+
+
+def test_a_backbone_override_of_the_wrong_type_fails_at_load(tmp_path):
+    import yaml
+
+    from tests.test_workflow import snakemake
+    root = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((root / "workflow/config/paper.yaml").read_text())
+    config["real"]["models"] = {"my-clip": {"like": "clip-vit-l14", "embed_dim": "768"}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    run = snakemake(tmp_path, "-n", "results/table1.csv", "--configfile", str(tmp_path / "bad.yaml"),
+                    "--replace-workflow-config")
+    assert run.returncode != 0
+    assert "real.models.my-clip.embed_dim: '768' is not of type int" in run.stdout + run.stderr

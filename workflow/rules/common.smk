@@ -210,7 +210,16 @@ def _check_real_config():
     """Names in the real-data sections refer to things that exist, checked at load."""
     from quari.data.embedding_jobs import configured_backbone
 
+    from quari.backbones import BackboneInfo
+    from quari.config import check_parameters
+
     real = config["real"]
+    problems = []
+    for name, entry in real.get("models", {}).items():  # overrides: BackboneInfo's fields
+        overrides = {k: v for k, v in entry.items() if k not in ("path", "like")}
+        problems += check_parameters(BackboneInfo, overrides, f"real.models.{name}", ("name",))
+    if problems:
+        raise WorkflowError("invalid configuration:\n  " + "\n  ".join(problems))
     for name in BACKBONES:
         try:
             configured_backbone(name, real.get("models"))
