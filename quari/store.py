@@ -197,7 +197,7 @@ class FolderLock:
         lock_file = open(self.directory / LOCK_FILE, "a+")
         try:
             fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # held by another process
             lock_file.seek(0)
             holder = lock_file.read().strip() or "unknown process"
             lock_file.close()
@@ -205,6 +205,9 @@ class FolderLock:
                 f"{self.directory} is being written by another job ({holder}); two writers on "
                 f"one {what} would mix their files. Wait for that job to finish or stop it, then "
                 "run again (a stopped job's partial files are resumed or replaced)") from None
+        except OSError as err:  # a file system without flock: say so, go on unlocked
+            logger.warning("%s: cannot lock it (%s); make sure no other job writes it",
+                           self.directory, err)
         lock_file.seek(0)
         lock_file.truncate()
         lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
