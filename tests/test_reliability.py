@@ -487,3 +487,15 @@ def test_a_backbone_override_of_the_wrong_type_fails_at_load(tmp_path):
                     "--replace-workflow-config")
     assert run.returncode != 0
     assert "real.models.my-clip.embed_dim: '768' is not of type int" in run.stdout + run.stderr
+
+
+def test_every_field_of_the_model_config_is_a_valid_setting():
+    import dataclasses
+
+    import yaml
+
+    from quari.model import QuARIConfig
+    schema = yaml.safe_load(_schema().read_text())
+    allowed = set(schema["properties"]["quari"]["properties"]["model"]["properties"])
+    fields = {f.name for f in dataclasses.fields(QuARIConfig)} - {"embedding_dim"}
+    assert fields == allowed, fields ^ allowed
