@@ -347,3 +347,17 @@ def test_fewer_local_yfcc_shards_than_configured_are_reported(tmp_path):
     assert len(locate_ilias_yfcc({"yfcc_shards": 3}, tmp_path, False)["distractor_tars"]) == 3
     with pytest.raises(MissingDataError, match="3 YFCC100M shards, the configuration asks for 5"):
         locate_ilias_yfcc({"yfcc_shards": 5}, tmp_path, False)
+
+
+def test_a_list_left_by_a_cut_download_is_fetched_again(server, tmp_path):
+    from quari.data.sources import locate_collection
+    full = b"a/1.jpg,1,d\nb/2.jpg,2,d\n"
+    server.files["/uned_paths_1M.txt"] = full
+    root = tmp_path / "uned"
+    (root / "images").mkdir(parents=True)
+    (root / "uned_paths_1M.txt").write_bytes(full[:9])  # what a cut transfer left, no stamp
+    url = f"http://127.0.0.1:{server.server_address[1]}/uned_paths_1M.txt"
+    files = locate_collection("uned", {"format": "uned", "paths_url": url}, tmp_path, True)
+    assert Path(files["paths"]).read_bytes() == full
+    locate_collection("uned", {"format": "uned", "paths_url": url}, tmp_path, True)
+    assert len(server.requests) == 1  # now stamped as a verified copy of that URL: kept

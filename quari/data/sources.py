@@ -128,7 +128,7 @@ def locate_ilias_core(cfg: dict, data_root: str | os.PathLike, download: bool) -
                                                 download, sums.get("ilias_core.tar"))
     ids = server / "image_ids"
     present = all((ids / n).is_file() for n in ID_LISTS)
-    if download and not present:
+    if download:  # each checked against its verification stamp, fetched when not a known copy
         for name in ID_LISTS:
             _server_file(cfg["server_url"], f"image_ids/{name}", server, True)
         present = True
@@ -286,7 +286,7 @@ def locate_collection(name: str, cfg: dict, data_root: str | os.PathLike, downlo
         return {"format": kind, "table": str(table), "image_root": str(root / cfg.get("image_root", "."))}
     if kind == "uned":
         paths = root / "uned_paths_1M.txt"
-        if download and not paths.is_file():
+        if download:  # a copy not stamped as downloaded from paths_url is fetched again
             fetch(RemoteFile(cfg["paths_url"], str(paths)))
         require_files([(paths, "UnED 1M image list (ILIAS misc/uned_paths_1M.txt)"),
                        (root / "images", "UnED images (assembled with UnED's own scripts)")])
