@@ -1,6 +1,7 @@
 # QuARI reproduction harness: from embeddings to the paper's tables and figures.
 #
-#   snakemake --cores all results/table1.csv              # the whole chain, default (offline) config
+#   snakemake --cores all                                 # every output (rule all), default (offline) config
+#   snakemake --report results/report.html                # then Snakemake's report of that run
 #   snakemake --cores all results/table1.csv --configfile workflow/config/paper.yaml \
 #       --replace-workflow-config                           # the paper's real-data reproduction
 #
@@ -14,6 +15,9 @@ min_version("9.0")
 configfile: "workflow/config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/mining.smk"
@@ -21,9 +25,11 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     default_target: True
     input:
         "results/table1.csv",
+        rules.report_pages.output,

@@ -11,7 +11,8 @@ rule figure_tsne:
         ilias_positives="results/groundtruth/ilias.json",
         inquire_positives="results/groundtruth/inquire.json",
     output:
-        png="figures/fig3_tsne.png",
+        png=report("figures/fig3_tsne.png", caption="../report/fig3_tsne.rst",
+                   category="Figures", labels={"figure": "Figure 3"}),
         pdf="figures/fig3_tsne.pdf",
     log:
         "results/logs/figures/fig3_tsne.log",
@@ -30,7 +31,8 @@ rule figure_cost_accuracy:
         evaluations=cost_accuracy_evaluations(),
         paper=PAPER_NUMBERS,
     output:
-        png="figures/fig4_cost_accuracy.png",
+        png=report("figures/fig4_cost_accuracy.png", caption="../report/fig4_cost_accuracy.rst",
+                   category="Figures", labels={"figure": "Figure 4"}),
         pdf="figures/fig4_cost_accuracy.pdf",
     log:
         "results/logs/figures/fig4_cost_accuracy.log",
