@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: install demo test test-all lint clean-results
+.PHONY: install demo test test-all lint clean-results check-seeds
 
 # --no-compile: Python compiles only the modules a run imports, when it first imports them,
 # instead of every file of every package at install time (torch alone has thousands)
@@ -26,8 +26,23 @@ demo: $(STAMP)
 	@echo "== Running the pipeline on the synthetic world (one log per job under results/logs/)"
 	$(BIN)/snakemake --cores $(CORES) all
 	@echo "== Writing Snakemake's report"
-	$(BIN)/snakemake --report results/report.html
+	$(BIN)/snakemake --cores $(CORES) --report results/report.html
 	@echo "== Done: results/table*.md, figures/, results/report.html (open it in a browser)"
+
+# QuARI above the frozen backbone on every synthetic benchmark, backbone, task and metric, on the
+# demo's world (run `make demo` first) and on the worlds of SEEDS (docs/offline_world.md)
+SEEDS ?= 1 2
+SEED_TARGETS := $(foreach b,ilias inquire,$(foreach bb,syn-b256 syn-l384,$(foreach m,identity quari,results/eval/$(b)/$(bb)/$(m).json)))
+check-seeds: $(STAMP)
+	@for s in $(SEEDS); do \
+	  echo "== World seed $$s: the backbone and QuARI (results/seeds/seed$$s/)"; \
+	  mkdir -p results/seeds/seed$$s && \
+	  printf 'run_id: synthetic-seed%s\nsynthetic:\n  seed: %s\n' $$s $$s > results/seeds/seed$$s/seed.yaml && \
+	  $(BIN)/snakemake --cores $(CORES) --snakefile Snakefile --directory results/seeds/seed$$s \
+	    $(SEED_TARGETS) --configfile $(CURDIR)/workflow/config/config.yaml \
+	    $(CURDIR)/results/seeds/seed$$s/seed.yaml || exit 1; \
+	done
+	$(BIN)/python -m reporting.compare results/eval $(foreach s,$(SEEDS),results/seeds/seed$(s)/results/eval)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not gpu and not network"

@@ -7,6 +7,8 @@
 #
 # results/table1.csv is the final target: asking for it builds every table and figure.
 
+import sys
+
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -33,3 +35,13 @@ rule all:
     input:
         "results/table1.csv",
         rules.report_pages.output,
+
+
+onerror:
+    print(
+        "\nA job failed. Snakemake names it above with its log file (results/logs/...); the log "
+        "ends with the error and where it happened.\nFix the cause and run the same command "
+        "again: finished jobs are kept, only the failed job and those after it run.\n"
+        "`snakemake -n` lists what is left to do.",
+        file=sys.stderr,
+    )

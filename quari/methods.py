@@ -76,6 +76,11 @@ class RetrievalMethod(ABC):
         self.device = torch.device(params.get("device") or
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
 
+    def model_size(self) -> str:
+        """The size of this method's model, as the tables print it beside the row's name when it
+        is not the paper's (a method with no model of a size to tell: "")."""
+        return ""
+
     # -- learning -------------------------------------------------------------------------
     def fit(self, train: TrainingCollection, valid: TrainingCollection | None = None,
             workdir: str | os.PathLike | None = None, **context: Any) -> "RetrievalMethod":

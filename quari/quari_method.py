@@ -11,6 +11,7 @@ Ablations are configuration: ``train: {use_noise: false}``, ``train: {use_semipo
 from __future__ import annotations
 
 import logging
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,20 @@ class QuARIMethod(TransformMethod):
         super().__init__(model=dict(model or {}), train=dict(train or {}),
                          image_query_fraction=image_query_fraction, device=device)
         self.model_: QuARI | None = None
+
+    def model_size(self) -> str:
+        """Hidden width, layers and rank of the hypernetwork when they are not the paper's
+        released ones (H 512, 4 layers, rank 64), e.g. "H 64, 1 layer, rank 16; CPU-size" for a
+        model smaller than the paper's; "" at the paper's size."""
+        paper = {f.name: f.default for f in fields(QuARIConfig)
+                 if f.name in ("hidden_dim", "num_layers", "rank")}
+        size = {**paper, **{k: v for k, v in self.params["model"].items() if k in paper}}
+        if size == paper:
+            return ""
+        layers = size["num_layers"]
+        text = f"H {size['hidden_dim']}, {layers} layer{'' if layers == 1 else 's'}, rank {size['rank']}"
+        smaller = all(size[k] <= paper[k] for k in paper)
+        return text + ("; CPU-size" if smaller else "")
 
     def _train_config(self) -> TrainConfig:
         cfg = dict(self.params["train"])

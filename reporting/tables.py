@@ -239,6 +239,7 @@ def evaluation_rows(evaluations: Iterable[dict]) -> pd.DataFrame:
                            else _rerank_setting(ev, mode, res, task))
                 ms_1k = res.get("ms_per_1k_pairs")
                 common = {
+                    "model_size": ev.get("model_size", ""),
                     "benchmark": ev["benchmark"] + (" (synthetic)" if synthetic else ""),
                     "task": task, "mode": mode, "setting": setting, "backbone": ev["backbone"],
                     "shortlist": res.get("shortlist", "all"), "data": ev["data"],
@@ -424,11 +425,14 @@ def _number(value: float) -> str:
     return f"{value:.4f}".rstrip("0").rstrip(".")
 
 
-def to_markdown(table: pd.DataFrame, title: str) -> str:
+def to_markdown(table: pd.DataFrame, title: str,
+                model_sizes: dict[tuple[str, str], str] | None = None) -> str:
     """A readable rendering: one line per (sub-table, benchmark, backbone, method) in the order of
     ``table``, one column per setting and metric, cells "ours (paper)"; the shortlist QuARI and
     the others scored, and for re-ranking tables the time per 1k (ILIAS) or 100 (INQUIRE) pairs.
-    Rows marked † are the paper's, not run here."""
+    Rows marked † are the paper's, not run here; a synthetic row's backbone says "(synthetic)";
+    a method of ``model_sizes`` ((backbone, method) -> size) has its size beside its name."""
+    model_sizes = model_sizes or {}
     if table.empty:
         return f"# {title}\n\n(no rows)\n"
     lines = [f"# {title}", "",
@@ -444,7 +448,8 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
             if column not in columns:
                 columns.append(column)
             row = rows.setdefault((r["backbone"], r["method"]),
-                                  {"reported_only": True, "shortlist": "", "ms": "", "notes": []})
+                                  {"reported_only": True, "shortlist": "", "ms": "", "notes": [],
+                                   "synthetic": r["data"] == "synthetic"})
             note = r.get("dropped")
             if isinstance(note, str) and note:
                 note = f"{r['setting']}: {note}"
@@ -464,12 +469,15 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
         head = ["backbone", "method", *columns, "shortlist"] + ([cost_head] if rerank else [])
         body, footnotes = [], []
         for (backbone, method), row in rows.items():
-            label = DISPLAY_NAME.get(method, method) + (" †" if row["reported_only"] else "")
+            size = model_sizes.get((backbone, method))
+            label = (DISPLAY_NAME.get(method, method) + (f" ({size})" if size else "")
+                     + (" †" if row["reported_only"] else ""))
+            shown = f"{backbone} (synthetic)" if row["synthetic"] else backbone
             if row["notes"]:  # items left out: a footnote, never a silent denominator change
-                footnotes.append(f"[{len(footnotes) + 1}] {backbone}, {label}: "
+                footnotes.append(f"[{len(footnotes) + 1}] {shown}, {label}: "
                                  + "; ".join(row["notes"]) + ".")
                 label += f" [{len(footnotes)}]"
-            body.append([backbone, label, *(row.get(c, "") for c in columns), row["shortlist"]]
+            body.append([shown, label, *(row.get(c, "") for c in columns), row["shortlist"]]
                         + ([row["ms"]] if rerank else []))
         lines += [f"## Table {tab}: {bench}", ""]
         if str(tab) in NOTES and str(tab) not in noted:
@@ -496,10 +504,19 @@ def _md(head: list[str], body: list[list]) -> str:
     return "\n".join(out)
 
 
+def model_sizes(df: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """(backbone, method) -> the size its evaluation recorded (``model_size``), where there is one
+    (QuARI smaller than the paper's: "H 64, 1 layer, rank 16; CPU-size")."""
+    if "model_size" not in df:
+        return {}
+    sized = df[df["model_size"].fillna("").astype(str) != ""]
+    return {(b, m): s for b, m, s in sized[["backbone", "method", "model_size"]].itertuples(index=False)}
+
+
 def write_table(df: pd.DataFrame, paper: pd.DataFrame, name: str, csv_path: str | Path,
                 md_path: str | Path, run_id: str | None = None) -> pd.DataFrame:
     """Assemble table ``name`` and write its long-form CSV and Markdown atomically; returns it."""
     full = assemble_table(df, paper, name, run_id)
     atomic_write_text(csv_path, full.to_csv(index=False))
-    atomic_write_text(md_path, to_markdown(full, TABLES[name][1]))
+    atomic_write_text(md_path, to_markdown(full, TABLES[name][1], model_sizes(df)))
     return full

@@ -68,8 +68,7 @@ def toy_baseline():
 def test_dag_end_to_end_on_tiny_config(tmp_path, toy_baseline):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
-    run = snakemake(tmp_path, "results/table1.csv", "--configfile", str(config),
-                    "--replace-workflow-config")
+    run = snakemake(tmp_path, "all", "--configfile", str(config), "--replace-workflow-config")
     assert run.returncode == 0, run.stderr[-4000:]
     for out in ("results/table1.csv", "results/table1.md", "results/table2.csv", "results/table3.csv",
                 "figures/fig3_tsne.png", "figures/fig3_tsne.pdf", "figures/fig4_cost_accuracy.png",
@@ -91,6 +90,24 @@ def test_dag_end_to_end_on_tiny_config(tmp_path, toy_baseline):
                       "--replace-workflow-config", "-n")
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
+    # Snakemake's own report: one self-contained page, every table and figure with its caption
+    # (workflow/report/*.rst) and the run's configuration
+    report = snakemake(tmp_path, "--report", "results/report.html", "--configfile", str(config),
+                       "--replace-workflow-config")
+    assert report.returncode == 0, report.stderr[-4000:]
+    html = (tmp_path / "results/report.html").read_text()
+    for name in ("table1.html", "table2.html", "table3.html", "table4.html", "fig3_tsne.png",
+                 "fig4_cost_accuracy.png", "configuration.yaml"):
+        assert name in html, name
+    for caption in ("Table 1: ILIAS search", "Table 2: INQUIRE text-to-image search",
+                    "Table 3: re-ranking", "Table 4: ablations", "Figure 3: t-SNE",
+                    "Figure 4: re-ranking time", "The configuration this run used",
+                    "SYNTHETIC DATA"):
+        assert caption in html, caption
+    assert 'src="http' not in html and "mailto:" not in html  # self-contained; no e-mail links
+    pages = tmp_path / "results/report"
+    assert "<table>" in (pages / "table1.html").read_text()
+    assert yaml.safe_load((pages / "configuration.yaml").read_text())["run_id"] == "tiny"
 
 
 @pytest.mark.parametrize("change, named", [

@@ -107,6 +107,7 @@ def write_result(smk, cls, method, benchmark, gallery_size, results):
     atomic_write_json(smk.output[0], {
         "run_id": p.run_id, "data": p.data, "benchmark": benchmark, "backbone": w.backbone,
         "method": w.method, "method_type": p.method_type, "label": cls.label or cls.name,
+        "model_size": method.model_size(),
         "device": str(method.device), "hardware": hardware_name(method.device), "gallery_size": gallery_size, "tasks": results,
         "dropped": dropped_reports(smk),
     })
