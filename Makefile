@@ -38,7 +38,7 @@ check-seeds: $(STAMP)
 	  echo "== World seed $$s: the backbone and QuARI (results/seeds/seed$$s/)"; \
 	  mkdir -p results/seeds/seed$$s && \
 	  printf 'run_id: synthetic-seed%s\nsynthetic:\n  seed: %s\n' $$s $$s > results/seeds/seed$$s/seed.yaml && \
-	  $(BIN)/snakemake --cores $(CORES) --snakefile Snakefile --directory results/seeds/seed$$s \
+	  $(BIN)/snakemake --cores $(CORES) --snakefile $(CURDIR)/Snakefile --directory results/seeds/seed$$s \
 	    $(SEED_TARGETS) --configfile $(CURDIR)/workflow/config/config.yaml \
 	    $(CURDIR)/results/seeds/seed$$s/seed.yaml || exit 1; \
 	done
