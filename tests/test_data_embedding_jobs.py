@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from quari.backbones import ilias_transform, load_backbone
-from quari.data import collections, embedding_jobs, ilias
+from quari.data import collections, embedding_jobs, ilias, parts
 from quari.store import load_embedding_set, load_training_collection
 from tests.test_backbones import save_tiny_siglip
 from tests.test_data_formats import make_collections, make_ilias
@@ -23,10 +23,11 @@ def setup(tmp_path_factory):
 
 
 def _parts(root):
+    """(name, items, source files) of a gallery's parts: core positives, one per YFCC shard."""
     core = [root / "ilias/hf/ilias-core-db-000000.tar"]
     tars = sorted((root / "ilias/server/yfcc100m").glob("*.tar"))
-    return ([("core-positives", lambda: ilias.positive_items(core))]
-            + [(t.stem, lambda t=t: ilias.distractor_items(t)) for t in tars])
+    return ([("core", ilias.positive_items(core), core)]
+            + [(t.stem, ilias.distractor_items(t), [t]) for t in tars])
 
 
 def _files(directory: Path) -> dict[str, bytes]:
@@ -34,11 +35,21 @@ def _files(directory: Path) -> dict[str, bytes]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+def _embed_parts(encoder, root, out, transform, on_shard=None, **opts):
+    dirs = []
+    for name, items, tars in _parts(root):
+        provenance = parts.part_provenance(encoder, "ilias", [parts.file_identity(t) for t in tars],
+                                           [i for i, _ in items], {"shard_rows": opts["shard_rows"]})
+        dirs.append(parts.embed_part(encoder, items, out / "gallery-parts" / name, transform,
+                                     provenance, on_shard=on_shard, **opts))
+    return parts.assemble_parts(dirs, out / "gallery")
+
+
 def test_gallery_of_parts_resumes_after_a_kill(setup, tmp_path):
     root, expected, info, encoder = setup
     opts = dict(batch_size=3, shard_rows=4, num_workers=0, progress=False)
     transform = ilias_transform(info)
-    reference = embedding_jobs.embed_gallery_parts(encoder, _parts(root), tmp_path / "ref", transform, **opts)
+    reference = _embed_parts(encoder, root, tmp_path / "ref", transform, **opts)
 
     class Killed(Exception):
         pass
@@ -47,18 +58,23 @@ def test_gallery_of_parts_resumes_after_a_kill(setup, tmp_path):
 
     def kill_in_second_part(k):
         calls.append(k)
-        if len(calls) == 4:  # core-positives has 3 shards; die after the first of the next part
+        if len(calls) == 4:  # core has 3 shards; die after the first of the next part
             raise Killed
 
-    out = tmp_path / "run" / "gallery"
+    out = tmp_path / "run"
     with pytest.raises(Killed):
-        embedding_jobs.embed_gallery_parts(encoder, _parts(root), out, transform,
-                                  on_shard=kill_in_second_part, **opts)
-    assert not out.exists() and embedding_jobs.partial_dir(out).exists()  # nothing published
-    embedding_jobs.embed_gallery_parts(encoder, _parts(root), out, transform, **opts)
-    assert _files(out) == _files(reference)  # identical files, from the resumed run
-    gallery = load_embedding_set(out)
+        _embed_parts(encoder, root, out, transform, on_shard=kill_in_second_part, **opts)
+    second = out / "gallery-parts" / "yfcc100m_000000"
+    assert (out / "gallery-parts/core").is_dir() and not second.exists()  # nothing half-published
+    assert embedding_jobs.partial_dir(second).exists() and not (out / "gallery").exists()
+    calls.clear()
+    _embed_parts(encoder, root, out, transform, on_shard=calls.append, **opts)
+    # core was not redone, the killed part resumed at its second shard, then the last part
+    assert calls == [1, 0, 1]
+    assert _files(out) == _files(tmp_path / "ref")  # identical files, from the resumed run
+    gallery = load_embedding_set(out / "gallery")
     assert sorted(gallery.ids) == sorted(expected["positives"] + expected["yfcc"])
+    assert len(list((out / "gallery").glob("*.npy"))) == 0  # a view over the parts: no rows copied
     # each row is that image alone through the encoder (official id -> its own pixels)
     items = dict(ilias.distractor_items(root / "ilias/server/yfcc100m/yfcc100m_000001.tar"))
     row = gallery.ids.index("yfcc100m_000001.tar/7012")
@@ -67,6 +83,75 @@ def test_gallery_of_parts_resumes_after_a_kill(setup, tmp_path):
     np.testing.assert_allclose(np.asarray(gallery.embeddings[row], np.float32),
                                np.asarray(load_embedding_set(single).embeddings[0], np.float32),
                                atol=2e-3)
+    assert reference == tmp_path / "ref" / "gallery"
+
+
+def test_a_partial_part_of_another_model_is_started_over(setup, tmp_path, caplog):
+    """A part killed midway, rerun after the backbone's path points at another model of the same
+    width, must not resume: its rows would mix two models."""
+    root, _, info, encoder = setup
+    other_dir = tmp_path / "other-model"
+    save_tiny_siglip(other_dir, seed=1)
+    other = load_backbone(info, path=other_dir)
+    assert other.embed_dim == encoder.embed_dim
+    opts = dict(batch_size=3, shard_rows=2, num_workers=0, progress=False)
+    transform = ilias_transform(info)
+    name, items, tars = _parts(root)[1]
+    sources = [parts.file_identity(t) for t in tars]
+    ids = [i for i, _ in items]
+
+    def provenance(enc):
+        return parts.part_provenance(enc, "ilias", sources, ids, {"shard_rows": 2})
+
+    assert provenance(other)["weights"] != provenance(encoder)["weights"]
+    assert provenance(load_backbone(info, path=root / "model")) == provenance(encoder)
+
+    class Killed(Exception):
+        pass
+
+    def kill(k):
+        raise Killed
+
+    out = tmp_path / "part"
+    with pytest.raises(Killed):
+        parts.embed_part(encoder, items, out, transform, provenance(encoder), on_shard=kill, **opts)
+    calls = []
+    with caplog.at_level("WARNING", logger="quari.data.parts"):
+        parts.embed_part(other, items, out, transform, provenance(other), on_shard=calls.append,
+                         **opts)
+    assert calls[0] == 0  # started over from the first shard
+    assert "starting it over" in caplog.text and "weights" in caplog.text
+    fresh = parts.embed_part(other, items, tmp_path / "fresh", transform, provenance(other), **opts)
+    assert _files(out) == _files(fresh)  # nothing of the first model's shard is left
+    # the same model resumes where it stopped
+    out2 = tmp_path / "part2"
+    with pytest.raises(Killed):
+        parts.embed_part(other, items, out2, transform, provenance(other), on_shard=kill, **opts)
+    calls = []
+    parts.embed_part(other, items, out2, transform, provenance(other), on_shard=calls.append, **opts)
+    assert calls[0] == 1 and _files(out2) == _files(fresh)
+
+
+def test_assembly_refuses_parts_that_do_not_fit(setup, tmp_path):
+    root, _, info, encoder = setup
+    opts = dict(batch_size=3, shard_rows=4, num_workers=0, progress=False)
+    transform = ilias_transform(info)
+    (_, core, core_tars), (_, first, first_tars) = _parts(root)[:2]
+    made = {}
+    for name, items, tars in (("a", core, core_tars), ("b", first, first_tars),
+                              ("again", first, first_tars)):
+        prov = parts.part_provenance(encoder, "ilias", [parts.file_identity(t) for t in tars],
+                                     [i for i, _ in items], {"shard_rows": 4})
+        made[name] = parts.embed_part(encoder, items, tmp_path / name, transform, prov, **opts)
+    with pytest.raises(parts.PartError, match="ids in more than one part"):
+        parts.assemble_parts([made["a"], made["b"], made["again"]], tmp_path / "dup")
+    with pytest.raises(parts.PartError, match="not a complete part"):
+        parts.assemble_parts([made["a"], tmp_path / "missing"], tmp_path / "g1")
+    ids = made["b"] / "shard-00000.ids.txt"
+    ids.write_text("\n".join(ids.read_text().splitlines()[:-1]) + "\n")  # a row without its id
+    with pytest.raises(parts.PartError, match="rows"):
+        parts.assemble_parts([made["a"], made["b"]], tmp_path / "g2")
+    assert not (tmp_path / "g2").exists()
 
 
 def test_training_collection_drops_captions_of_unreadable_images(setup, tmp_path):

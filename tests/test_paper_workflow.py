@@ -142,10 +142,11 @@ def test_paper_config_schedules_the_whole_matrix(tmp_path):
     assert counts["locate_data"] == 5 + 4  # ILIAS core, mini, YFCC; INQUIRE, Rerank; 4 collections
     assert counts["ilias_ground_truth"] == counts["inquire_ground_truth"] == 1
     assert counts["inquire_rerank_ground_truth"] == 1
-    for rule in ("embed_ilias_image_queries", "embed_ilias_text_queries", "embed_ilias_gallery",
-                 "embed_ilias_mini_gallery"):
+    for rule in ("embed_ilias_image_queries", "embed_ilias_text_queries"):
         assert counts[rule] == len(ilias_backbones) == 7, rule
-    assert counts["embed_inquire_gallery"] == counts["embed_inquire_text_queries"] == len(inquire_backbones) == 5
+    galleries = Counter(g.split("/")[2] for g in jobs["assemble_gallery"])  # over their parts
+    assert galleries["ilias"] == galleries["ilias_mini"] == len(ilias_backbones) == 7
+    assert galleries["inquire"] == counts["embed_inquire_text_queries"] == len(inquire_backbones) == 5
     trained = {tuple(m.split("/")[2:4]) for m in jobs["train_method"]}
     assert trained == {(e.split("/")[4].removesuffix(".json"), e.split("/")[3]) for e in evaluations}
     # a training set per backbone that trains on it: captions for all 8, UnED for the 7 of Table 1b
@@ -210,7 +211,10 @@ def tiny_real_config(data_root: Path, models: Path, precomputed: str) -> dict:
                 "tiny-siglip": {"path": str(models / "siglip"), "like": "siglip2-vit-b16@512",
                                 "embed_dim": 32, **TINY_SIZES},
             },
-            "ilias": {"mini_shards": 2},
+            "ilias": {"mini_shards": 2, "yfcc_shards": 2},
+            # one job per YFCC / mini-ILIAS shard, the iNat24 pool in two slices
+            "fan_out": {"ilias_yfcc_shards_per_job": 1, "ilias_mini_shards_per_job": 1,
+                        "inquire_pool_jobs": 2},
             "local_descriptors": {"model": str(models / "dinov2"), "resolution": 32,
                                   "query_descriptors": 12, "database_descriptors": 6,
                                   "batch_size": 2, "num_workers": 0, "shortlist_margin": 2,

@@ -5,10 +5,9 @@ resumable shards of :mod:`quari.embedding_cache`. So every job here works in a h
 ``.<name>.partial`` and renames it to ``<name>`` only when complete: a killed job resumes from its
 last complete shard, and ``<name>`` never exists half-written.
 
-Galleries of many source shards (100M ILIAS distractors in 1,000 tars) are embedded part by part
-into ``<gallery>/parts/<part>/`` (each an embedding set, resumable on its own, listed from its
-source only when not yet complete), and the gallery's ``manifest.json`` lists every part's shards
-by relative path, so it loads as one embedding set without copying.
+Galleries of many source shards (100M ILIAS distractors in 1,000 tars) are embedded one part per
+group of shards, each by its own job, and assembled as a view over the parts: see
+:mod:`quari.data.parts`.
 """
 
 from __future__ import annotations
@@ -16,16 +15,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from quari.backbones import Encoder
 from quari.data.collections import PairList
-from quari.embedding_cache import SKIPPED, embed_images, embed_texts
-from quari.store import (FORMAT_VERSION, MANIFEST, atomic_save_npy, atomic_write_json,
-                         atomic_write_text, embedding_set_meta, load_embedding_set)
+from quari.embedding_cache import embed_images, embed_texts
+from quari.store import atomic_save_npy, atomic_write_json, embedding_set_meta
 
 logger = logging.getLogger(__name__)
 
@@ -58,49 +56,6 @@ def embed_text_set(encoder: Encoder, items, out_dir: str | os.PathLike, **option
     embed_texts(encoder, items, work, **options)
     publish(work, out_dir)
     return out_dir
-
-
-def embed_gallery_parts(encoder: Encoder, parts: Sequence[tuple[str, Callable[[], list]]],
-                        out_dir: str | os.PathLike, transform: Callable, meta: dict | None = None,
-                        **options) -> Path:
-    """Embed ``parts`` (name, function listing that part's items) into one gallery at ``out_dir``.
-
-    Part ids must be distinct across parts. The gallery's skip list concatenates the parts'; its
-    manifest counts requested / embedded / skipped over all parts.
-    """
-    out_dir, work = Path(out_dir), partial_dir(out_dir)
-    names = [name for name, _ in parts]
-    if len(set(names)) != len(names) or any("/" in n for n in names):
-        raise ValueError("part names must be distinct and contain no '/'")
-    shards, skipped_lines = [], []
-    counts = {"requested": 0, "embedded": 0, "skipped": 0}
-    for name, list_items in parts:
-        part_dir = work / "parts" / name
-        if not (part_dir / MANIFEST).exists():
-            embed_images(encoder, list_items(), part_dir, transform, **options)
-        manifest = load_manifest(part_dir)
-        for shard in manifest["shards"]:
-            shards.append({**shard, "file": f"parts/{name}/{shard['file']}",
-                           "ids": f"parts/{name}/{shard['ids']}"})
-        part_meta = manifest["meta"]
-        for key in counts:
-            counts[key] += part_meta.get(key, 0)
-        skipped_lines += (part_dir / SKIPPED).read_text().splitlines()[1:]
-    atomic_write_text(work / SKIPPED, "id\treason\n" + "".join(f"{x}\n" for x in skipped_lines))
-    atomic_write_json(work / MANIFEST, {
-        "format": FORMAT_VERSION, "dim": encoder.embed_dim, "dtype": "float16",
-        "rows": sum(s["rows"] for s in shards), "shards": shards,
-        "meta": {**(meta or {}), **counts, "kind": "images", "backbone": encoder.info.name,
-                 "parts": names}})
-    load_embedding_set(work)  # every listed shard must open before the gallery is published
-    publish(work, out_dir)
-    return out_dir
-
-
-def load_manifest(directory: Path) -> dict:
-    """The manifest of a complete embedding set (with its meta)."""
-    import json
-    return json.loads((Path(directory) / MANIFEST).read_text())
 
 
 def embed_training_collection(encoder: Encoder, pairs: PairList, out_dir: str | os.PathLike,

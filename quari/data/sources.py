@@ -138,19 +138,42 @@ def locate_ilias_core(cfg: dict, data_root: str | os.PathLike, download: bool) -
     return manifest
 
 
-def locate_ilias_mini(cfg: dict, data_root: str | os.PathLike, download: bool) -> dict:
-    """The mini-ILIAS distractor shards (Hugging Face, ``mini_shards`` of them)."""
+def ilias_mini_listing(cfg: dict, data_root: str | os.PathLike, download: bool) -> list[str]:
+    """Names (relative to ``ilias/hf/``) of the ``mini_shards`` mini-ILIAS distractor shards, in
+    order: those under ``data_root`` when all are there, else the hub's listing (nothing is
+    fetched here; :func:`locate_ilias_mini` fetches a group of them)."""
     hf = Path(data_root) / "ilias" / "hf"
-    return {"distractor_tars": hf_files(cfg["hf_repo"], cfg["mini_pattern"], hf, download,
-                                        expected=cfg["mini_shards"])}
+    local = sorted(p for p in hf.rglob(cfg["mini_pattern"]) if p.is_file())
+    if len(local) == cfg["mini_shards"]:
+        return [str(p.relative_to(hf)) for p in local]
+    if not download:
+        raise MissingDataError(f"expected {cfg['mini_shards']} files matching "
+                               f"{hf / cfg['mini_pattern']} ({cfg['hf_repo']}), found {len(local)}")
+    names = hf_matching_files(cfg["hf_repo"], cfg["mini_pattern"])
+    if len(names) != cfg["mini_shards"]:
+        raise ValueError(f"{cfg['hf_repo']}: {len(names)} files match {cfg['mini_pattern']!r}, "
+                         f"expected {cfg['mini_shards']} (real.ilias.mini_shards)")
+    for name in names:  # names from the hub stay inside ilias/hf/
+        path_inside(hf, name, f"file of {cfg['hf_repo']}")
+    return names
 
 
-def locate_ilias_yfcc(cfg: dict, data_root: str | os.PathLike, download: bool) -> dict:
-    """The YFCC100M distractor shards of the official server, each verified against checksums.txt
-    (the first ``yfcc_shards`` listed; all when None)."""
+def locate_ilias_mini(cfg: dict, data_root: str | os.PathLike, download: bool,
+                      names: Sequence[str] | None = None) -> dict:
+    """The mini-ILIAS distractor shards ``names`` (default: all of :func:`ilias_mini_listing`),
+    present under ``ilias/hf/`` (fetched from the hub when missing and allowed)."""
+    hf = Path(data_root) / "ilias" / "hf"
+    names = ilias_mini_listing(cfg, data_root, download) if names is None else names
+    return {"distractor_tars": [str(hf_file(cfg["hf_repo"], n, hf, download)) for n in names]}
+
+
+def ilias_yfcc_listing(cfg: dict, data_root: str | os.PathLike, download: bool) -> list[dict]:
+    """The YFCC100M distractor shards, in order, as ``{"name", "path", "sha256"}``: the first
+    ``yfcc_shards`` of the server's checksums.txt (fetched; the only file fetched here), or,
+    without it and with downloads off, the shards under ``ilias/server/yfcc100m/`` (sha256 None)."""
     server = Path(data_root) / "ilias" / "server"
     if not download and not (server / "checksums.txt").is_file():
-        tars = sorted(str(p) for p in (server / "yfcc100m").glob("*.tar"))
+        tars = sorted((server / "yfcc100m").glob("*.tar"))
         if not tars:
             require_files([(server / "checksums.txt", "ILIAS server checksums"),
                            (server / "yfcc100m", "YFCC100M distractor shards")])
@@ -162,21 +185,28 @@ def locate_ilias_yfcc(cfg: dict, data_root: str | os.PathLike, download: bool) -
         if not limit:
             logger.warning("%s: %d YFCC100M shards and no checksums.txt to tell whether that is "
                            "all of them", server / "yfcc100m", len(tars))
-        return {"distractor_tars": tars[:limit] if limit else tars}
-    sums = _checksums(cfg, server, download)
-    names = sorted(n for n in sums if "yfcc100m" in n and n.endswith(".tar"))
-    if cfg.get("yfcc_shards"):
-        names = names[:cfg["yfcc_shards"]]
-    tars = []
-    for name in names:
-        path = server / "yfcc100m" / Path(name).name
-        remote = RemoteFile(f"{cfg['server_url'].rstrip('/')}/{name}", str(path), sha256=sums[name])
-        if download:
-            fetch(remote)
+        entries = [{"name": f"yfcc100m/{p.name}", "path": str(p), "sha256": None} for p in tars]
+    else:
+        sums = _checksums(cfg, server, download)
+        names = sorted(n for n in sums if "yfcc100m" in n and n.endswith(".tar"))
+        entries = [{"name": n, "path": str(server / "yfcc100m" / Path(n).name), "sha256": sums[n]}
+                   for n in names]
+    limit = cfg.get("yfcc_shards")
+    return entries[:limit] if limit else entries
+
+
+def locate_ilias_yfcc(cfg: dict, data_root: str | os.PathLike, download: bool,
+                      listing: Sequence[dict] | None = None) -> dict:
+    """The YFCC100M distractor shards of ``listing`` (default: all of :func:`ilias_yfcc_listing`)
+    present under ``ilias/server/yfcc100m/``, each verified against checksums.txt when fetched."""
+    listing = ilias_yfcc_listing(cfg, data_root, download) if listing is None else listing
+    for entry in listing:
+        if download and entry["sha256"]:
+            fetch(RemoteFile(f"{cfg['server_url'].rstrip('/')}/{entry['name']}", entry["path"],
+                             sha256=entry["sha256"]))
         else:
-            require_files([(path, f"{name} (sha256 {sums[name]})")])
-        tars.append(str(path))
-    return {"distractor_tars": tars}
+            require_files([(entry["path"], f"{entry['name']} (sha256 {entry['sha256']})")])
+    return {"distractor_tars": [e["path"] for e in listing]}
 
 
 QUERY_FILES = {"val": "inquire_queries_val.csv", "test": "inquire_queries_test.csv"}

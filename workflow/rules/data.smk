@@ -12,8 +12,12 @@ if config["data"] == "synthetic":
             "results/logs/data/synthetic_ground_truth.log",
         params:
             synthetic=config["synthetic"],
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=30,
         conda:
-            "../../environment.yml"
+            "../envs/quari.yaml"
         script:
             "../scripts/synthetic_ground_truth.py"
 
@@ -31,8 +35,12 @@ if config["data"] == "synthetic":
             "results/logs/data/embed_synthetic/{backbone}.log",
         params:
             synthetic=config["synthetic"],
+        threads: 1
+        resources:
+            mem_mb=4000,
+            runtime=60,
         conda:
-            "../../environment.yml"
+            "../envs/quari.yaml"
         script:
             "../scripts/embed_synthetic.py"
 

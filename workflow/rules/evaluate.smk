@@ -19,8 +19,13 @@ rule evaluate:
         data=config["data"],
         run_id=config["run_id"],
         device=config["device"],
-    threads: workflow.cores
+    # streaming search: CPU threads feed the GPU (or score, without one)
+    threads: 4
+    resources:
+        mem_mb=lambda wildcards: 96000 if method_type(wildcards.method) in VLM_METHODS else 32000,
+        runtime=1440,
+        gpu=int(config["data"] == "real"),
     conda:
-        "../../environment.yml"
+        "../envs/quari.yaml"
     script:
         "../scripts/evaluate.py"

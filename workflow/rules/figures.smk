@@ -20,8 +20,12 @@ rule figure_tsne:
         tsne=config["figures"]["tsne"],
         backbone=figure_backbone("tsne"),
         data=config["data"],
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
     conda:
-        "../../environment.yml"
+        "../envs/quari.yaml"
     script:
         "../scripts/figure_tsne.py"
 
@@ -39,7 +43,11 @@ rule figure_cost_accuracy:
     params:
         data=config["data"],
         backbones=cost_accuracy_backbones(),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
     conda:
-        "../../environment.yml"
+        "../envs/quari.yaml"
     script:
         "../scripts/figure_cost_accuracy.py"

@@ -10,7 +10,11 @@ rule mine_semipositives:
         "results/logs/mining/{trainset}/{backbone}.log",
     params:
         mining=config["mining"],
+    threads: 8 if config["data"] == "real" else 1
+    resources:
+        mem_mb=64000,
+        runtime=720,
     conda:
-        "../../environment.yml"
+        "../envs/quari.yaml"
     script:
         "../scripts/mine_semipositives.py"

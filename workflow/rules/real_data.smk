@@ -12,12 +12,18 @@ rule locate_data:
     log:
         "results/logs/data/locate/{source}.log",
     params:
-        real=config["real"],
+        data_root=REAL["data_root"],
+        download=REAL["download"],
+        settings=lambda wildcards: source_settings(wildcards.source),
         dataset=lambda wildcards: wildcards.source,
     wildcard_constraints:
         source="|".join(REAL_SOURCES),
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=2880,
     conda:
-        "../../environment.yml"
+        "../envs/quari.yaml"
     script:
         "../scripts/locate_data.py"
 
@@ -31,8 +37,12 @@ rule ilias_ground_truth:
         "results/logs/data/ground_truth/ilias.log",
     params:
         benchmark="ilias",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
     conda:
-        "../../environment.yml"
+        "../envs/quari.yaml"
     script:
         "../scripts/prepare_ground_truth.py"
 
@@ -46,8 +56,12 @@ rule inquire_ground_truth:
         "results/logs/data/ground_truth/inquire.log",
     params:
         benchmark="inquire",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
     conda:
-        "../../environment.yml"
+        "../envs/quari.yaml"
     script:
         "../scripts/prepare_ground_truth.py"
 
@@ -62,8 +76,12 @@ rule inquire_rerank_ground_truth:
         "results/logs/data/ground_truth/inquire_rerank.log",
     params:
         benchmark="inquire_rerank",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
     conda:
-        "../../environment.yml"
+        "../envs/quari.yaml"
     script:
         "../scripts/prepare_ground_truth.py"
 
@@ -77,11 +95,16 @@ rule embed_ilias_image_queries:
         "results/logs/embed/ilias/{backbone}/image_queries.log",
     params:
         job="ilias_image_queries",
-        real=config["real"],
+        embedding=REAL["embedding"],
+        models=lambda wildcards: model_entry(wildcards.backbone),
         device=config["device"],
-    threads: 2
+    threads: 8
+    resources:
+        mem_mb=32000,
+        runtime=120,
+        gpu=1,
     conda:
-        "../../environment.yml"
+        "../envs/quari.yaml"
     script:
         "../scripts/embed_real.py"
 
@@ -95,51 +118,96 @@ rule embed_ilias_text_queries:
         "results/logs/embed/ilias/{backbone}/text_queries.log",
     params:
         job="ilias_text_queries",
-        real=config["real"],
+        embedding=REAL["embedding"],
+        models=lambda wildcards: model_entry(wildcards.backbone),
         device=config["device"],
     threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=60,
+        gpu=1,
     conda:
-        "../../environment.yml"
+        "../envs/quari.yaml"
     script:
         "../scripts/embed_real.py"
 
 
-rule embed_ilias_gallery:
+rule locate_data_group:
     input:
-        files="results/data/ilias_core.json",
-        distractors="results/data/ilias_yfcc.json",
+        listing="results/data/{source}.json",
     output:
-        directory("results/embeddings/ilias/{backbone}/gallery"),
+        "results/data/{source}/group-{group}.json",
     log:
-        "results/logs/embed/ilias/{backbone}/gallery.log",
+        "results/logs/data/locate/{source}/group-{group}.log",
     params:
-        job="ilias_gallery",
-        real=config["real"],
-        device=config["device"],
-    threads: 2
+        data_root=REAL["data_root"],
+        download=REAL["download"],
+        settings=lambda wildcards: source_settings(wildcards.source),
+        dataset=lambda wildcards: wildcards.source,
+        group=lambda wildcards: int(wildcards.group),
+        group_size=lambda wildcards: FAN_OUT[f"{wildcards.source}_shards_per_job"],
+        planned=lambda wildcards: {"ilias_yfcc": ILIAS_YFCC_SHARDS,
+                                   "ilias_mini": REAL["ilias"]["mini_shards"]}[wildcards.source],
+    wildcard_constraints:
+        source="ilias_yfcc|ilias_mini",
+        group=r"\d+",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=1440,
     conda:
-        "../../environment.yml"
+        "../envs/quari.yaml"
     script:
-        "../scripts/embed_real.py"
+        "../scripts/locate_data.py"
 
 
-rule embed_ilias_mini_gallery:
+rule embed_gallery_part:
     input:
-        files="results/data/ilias_core.json",
-        distractors="results/data/ilias_mini.json",
+        unpack(gallery_part_input),
     output:
-        directory("results/embeddings/ilias_mini/{backbone}/gallery"),
+        directory("results/embeddings/{dataset}/{backbone}/gallery-parts/{part}"),
     log:
-        "results/logs/embed/ilias_mini/{backbone}/gallery.log",
+        "results/logs/embed/{dataset}/{backbone}/gallery-parts/{part}.log",
     params:
-        job="ilias_mini_gallery",
-        real=config["real"],
+        job="gallery_part",
+        embedding=REAL["embedding"],
+        models=lambda wildcards: model_entry(wildcards.backbone),
         device=config["device"],
-    threads: 2
+        part=gallery_part_settings,
+    wildcard_constraints:
+        dataset="ilias|ilias_mini|inquire",
+        part=r"core|yfcc-\d+|mini-\d+|pool-\d+",
+    threads: 8
+    resources:
+        mem_mb=32000,
+        runtime=480,
+        gpu=1,
     conda:
-        "../../environment.yml"
+        "../envs/quari.yaml"
     script:
         "../scripts/embed_real.py"
+
+
+rule assemble_gallery:
+    input:
+        parts=lambda wildcards: gallery_part_dirs(wildcards.dataset, wildcards.backbone),
+    output:
+        directory("results/embeddings/{dataset}/{backbone}/gallery"),
+    log:
+        "results/logs/embed/{dataset}/{backbone}/gallery.log",
+    wildcard_constraints:
+        dataset="ilias|ilias_mini|inquire",
+    threads: 1
+    resources:
+        mem_mb=8000,  # 64-bit digests of 100M ids, sorted, to check they are distinct
+        runtime=120,
+    conda:
+        "../envs/quari.yaml"
+    script:
+        "../scripts/assemble_gallery.py"
+
+
+ruleorder: embed_inquire_gallery > assemble_gallery
 
 
 rule embed_inquire_text_queries:
@@ -151,11 +219,16 @@ rule embed_inquire_text_queries:
         "results/logs/embed/inquire/{backbone}/text_queries.log",
     params:
         job="inquire_text_queries",
-        real=config["real"],
+        embedding=REAL["embedding"],
+        models=lambda wildcards: model_entry(wildcards.backbone),
         device=config["device"],
     threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=60,
+        gpu=1,
     conda:
-        "../../environment.yml"
+        "../envs/quari.yaml"
     script:
         "../scripts/embed_real.py"
 
@@ -168,15 +241,18 @@ rule embed_inquire_gallery:
     log:
         "results/logs/embed/inquire/{backbone}/gallery.log",
     params:
-        job="inquire_gallery",
-        real=config["real"],
-        device=config["device"],
-    threads: 2
+        job="inquire_precomputed_gallery",
+        models=lambda wildcards: model_entry(wildcards.backbone),
+    wildcard_constraints:
+        backbone=PRECOMPUTED_POOL,  # the others: assemble_gallery over the pool's parts
+    threads: 1
+    resources:
+        mem_mb=16000,
+        runtime=240,
     conda:
-        "../../environment.yml"
+        "../envs/quari.yaml"
     script:
         "../scripts/embed_real.py"
-
 
 rule embed_inquire_rerank_text_queries:
     input:
@@ -187,11 +263,16 @@ rule embed_inquire_rerank_text_queries:
         "results/logs/embed/inquire_rerank/{backbone}/text_queries.log",
     params:
         job="inquire_rerank_text_queries",
-        real=config["real"],
+        embedding=REAL["embedding"],
+        models=lambda wildcards: model_entry(wildcards.backbone),
         device=config["device"],
     threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=60,
+        gpu=1,
     conda:
-        "../../environment.yml"
+        "../envs/quari.yaml"
     script:
         "../scripts/embed_real.py"
 
@@ -206,12 +287,17 @@ rule embed_inquire_rerank_gallery:
         "results/logs/embed/inquire_rerank/{backbone}/gallery.log",
     params:
         job="inquire_rerank_gallery",
-        real=config["real"],
+        embedding=REAL["embedding"],
+        models=lambda wildcards: model_entry(wildcards.backbone),
         device=config["device"],
         images_dir=lambda wildcards, input: input.images,
-    threads: 2
+    threads: 8
+    resources:
+        mem_mb=32000,
+        runtime=120,
+        gpu=1,
     conda:
-        "../../environment.yml"
+        "../envs/quari.yaml"
     script:
         "../scripts/embed_real.py"
 
@@ -226,14 +312,21 @@ rule embed_training_set:
         "results/logs/embed/{trainset}/{backbone}/training_set.log",
     params:
         job="training_set",
-        real=config["real"],
+        embedding=REAL["embedding"],
+        models=lambda wildcards: model_entry(wildcards.backbone),
         device=config["device"],
-        collections=lambda wildcards: config["real"]["training_sets"][wildcards.trainset],
+        collections=lambda wildcards: {c: REAL["collections"][c]
+                                       for c in REAL["training_sets"][wildcards.trainset]},
+        valid_fraction=REAL["valid_fraction"],
     wildcard_constraints:
         trainset="|".join(map(re.escape, config["real"]["training_sets"])),
-    threads: 2
+    threads: 8
+    resources:
+        mem_mb=64000,
+        runtime=2880,
+        gpu=1,
     conda:
-        "../../environment.yml"
+        "../envs/quari.yaml"
     script:
         "../scripts/embed_real.py"
 
@@ -247,8 +340,12 @@ rule extract_inquire_rerank_images:
         query_texts="results/data/inquire_rerank_queries.tsv",
     log:
         "results/logs/data/extract_inquire_rerank_images.log",
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=120,
     conda:
-        "../../environment.yml"
+        "../envs/quari.yaml"
     script:
         "../scripts/extract_inquire_rerank_images.py"
 
@@ -265,9 +362,12 @@ rule ilias_shortlist_ids:
         shortlist=config["evaluation"]["ilias"]["rerank_shortlist"],
         margin=config["real"]["local_descriptors"]["shortlist_margin"],
         chunk_rows=config["evaluation"]["chunk_rows"],
-    threads: 2
+    threads: 8
+    resources:
+        mem_mb=32000,
+        runtime=720,
     conda:
-        "../../environment.yml"
+        "../envs/quari.yaml"
     script:
         "../scripts/ilias_shortlist_ids.py"
 
@@ -283,11 +383,16 @@ rule extract_ilias_query_local_descriptors:
         "results/logs/local_descriptors/ilias/queries.log",
     params:
         job="queries",
-        options=config["real"]["local_descriptors"],
+        options={k: v for k, v in REAL["local_descriptors"].items()
+                 if k not in ("database_descriptors", "shortlist_margin")},
         device=config["device"],
-    threads: 2
+    threads: 8
+    resources:
+        mem_mb=32000,
+        runtime=120,
+        gpu=1,
     conda:
-        "../../environment.yml"
+        "../envs/quari.yaml"
     script:
         "../scripts/extract_local_descriptors.py"
 
@@ -295,7 +400,7 @@ rule extract_ilias_query_local_descriptors:
 rule extract_ilias_database_local_descriptors:
     input:
         files="results/data/ilias_core.json",
-        distractors="results/data/ilias_yfcc.json",
+        distractors=yfcc_group_manifests,
         ids="results/local_descriptors/ilias/{backbone}/shortlist_ids.txt",
     output:
         descriptors="results/local_descriptors/ilias/{backbone}/database.npz",
@@ -305,10 +410,15 @@ rule extract_ilias_database_local_descriptors:
         "results/logs/local_descriptors/ilias/{backbone}/database.log",
     params:
         job="database",
-        options=config["real"]["local_descriptors"],
+        options={k: v for k, v in REAL["local_descriptors"].items()
+                 if k not in ("query_descriptors", "shortlist_margin")},
         device=config["device"],
-    threads: 2
+    threads: 8
+    resources:
+        mem_mb=64000,
+        runtime=2880,
+        gpu=1,
     conda:
-        "../../environment.yml"
+        "../envs/quari.yaml"
     script:
         "../scripts/extract_local_descriptors.py"

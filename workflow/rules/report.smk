@@ -18,7 +18,11 @@ rule report_pages:
         "results/logs/report_pages.log",
     params:
         config=config,
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
     conda:
-        "../../environment.yml"
+        "../envs/quari.yaml"
     script:
         "../scripts/report_pages.py"

@@ -23,7 +23,11 @@ rule tables:
     params:
         run_id=config["run_id"],
         config=config,
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
     conda:
-        "../../environment.yml"
+        "../envs/quari.yaml"
     script:
         "../scripts/make_tables.py"

@@ -14,9 +14,14 @@ rule train_method:
         quari=config["quari"],
         device=config["device"],
     # Synthetic-world models are small: one thread each is nearly as fast as several, so they
-    # train side by side; real-data training takes every core given (its work is on the GPU).
-    threads: workflow.cores if config["data"] == "real" else 1
+    # train side by side; real-data training feeds one GPU.
+    threads: 8 if config["data"] == "real" else 1
+    # methods with nothing to fit (identity, alpha-QE, the re-rankers) only write their settings
+    resources:
+        mem_mb=lambda wildcards: 64000 if method_trains(wildcards.method) else 4000,
+        runtime=lambda wildcards: 2880 if method_trains(wildcards.method) else 30,
+        gpu=lambda wildcards: int(config["data"] == "real" and method_trains(wildcards.method)),
     conda:
-        "../../environment.yml"
+        "../envs/quari.yaml"
     script:
         "../scripts/train_method.py"

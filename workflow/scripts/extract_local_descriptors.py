@@ -29,8 +29,9 @@ def main(smk):
         n = opts["query_descriptors"]
     elif p.job == "database":
         ids = Path(smk.input.ids).read_text().split("\n")
-        items = ilias.gallery_items([i for i in ids if i], core["positive_tars"],
-                                    _files(smk.input.distractors)["distractor_tars"])
+        distractors = [t for group in smk.input.distractors  # one manifest per group of shards
+                       for t in _files(group)["distractor_tars"]]
+        items = ilias.gallery_items([i for i in ids if i], core["positive_tars"], distractors)
         n = opts["database_descriptors"]
     else:
         raise ValueError(f"unknown local-descriptor job {p.job!r}")
