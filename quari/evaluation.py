@@ -10,7 +10,7 @@ import logging
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,19 +19,25 @@ from tqdm.auto import tqdm
 from quari import metrics
 from quari.methods import RetrievalMethod, as_tensor
 from quari.scoring import cosine_topk
-from quari.store import EmbeddingSet, check_finite
+from quari.store import EmbeddingSet, check_finite, find_rows
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class RetrievalTask:
-    """Queries, a gallery and, for each query id, the set of its positive gallery ids."""
+    """Queries, a gallery and, for each query id, the set of its positive gallery ids.
+
+    Rankings are scored on gallery row numbers against the rows of each query's positives,
+    found once in one pass over the gallery's ids (:meth:`positive_rows`): a 100M-row gallery's
+    ids (an :class:`quari.store.IdColumn`) are never all held in memory."""
 
     name: str
     queries: EmbeddingSet
     gallery: EmbeddingSet
     positives: dict[str, set[str]]
+    _positive_rows: list[np.ndarray] | None = field(default=None, init=False, repr=False,
+                                                    compare=False)
 
     def __post_init__(self):
         for what, rows in (("queries", self.queries), ("gallery", self.gallery)):
@@ -49,6 +55,28 @@ class RetrievalTask:
 
     def positives_of(self, query_ids: Sequence[str]) -> list[set[str]]:
         return [self.positives[q] for q in query_ids]
+
+    def positive_rows(self) -> list[np.ndarray]:
+        """Gallery rows of each query's positives, in query order (ids found in one pass over
+        the gallery's ids, the first time this is asked)."""
+        if self._positive_rows is None:
+            query_ids = list(self.queries.ids)
+            wanted = set().union(*(self.positives[q] for q in query_ids))
+            rows = find_rows(self.gallery.ids, wanted)
+            empty = np.zeros(0, dtype=np.int64)
+            self._positive_rows = [
+                np.sort(np.concatenate([rows.get(i, empty) for i in self.positives[q]] or [empty]))
+                for q in query_ids]
+        return self._positive_rows
+
+    def num_positives(self) -> list[int]:
+        """Each query's number of positive ids P (found in the gallery or not), in query order."""
+        return [len(self.positives[q]) for q in self.queries.ids]
+
+    def relevance(self, rankings: np.ndarray) -> list[np.ndarray]:
+        """0/1 relevance of each query's ranking (gallery rows [Q, n], best first)."""
+        return [np.isin(row, pos).astype(np.float64)
+                for row, pos in zip(rankings, self.positive_rows())]
 
 
 def hardware_name(device: torch.device | str) -> str:
@@ -114,14 +142,14 @@ def cosine_shortlist(queries, gallery, k: int, chunk_rows: int = 65536,
 
 
 def score_ranking(task: RetrievalTask, indices: np.ndarray, benchmark: str, k: int) -> dict[str, float]:
-    """Official metrics of a ranking (gallery row indices, best first)."""
-    gallery_ids = np.asarray(task.gallery.ids, dtype=object)
-    ranked = [list(gallery_ids[row[:k]]) for row in indices]
-    positives = task.positives_of(task.queries.ids)
+    """Official metrics of a ranking (gallery row indices, best first), scored on row numbers
+    against the rows of each query's positives (the same as scoring the ranked ids)."""
+    relevance = task.relevance(np.asarray(indices)[:, :k])
     if benchmark == "ilias":
-        return {f"mAP@{k_label(k)}": metrics.ilias_map_at_k(ranked, positives, k=k)}
+        return {f"mAP@{k_label(k)}": metrics.ilias_map_of_relevance(
+            relevance, task.num_positives(), k=k)}
     if benchmark == "inquire":
-        m = metrics.inquire_metrics(ranked, positives, k=k)
+        m = metrics.inquire_metrics_of_relevance(relevance, task.num_positives(), k=k)
         return {f"mAP@{k}": m["mAP"], f"nDCG@{k}": m["nDCG"], "MRR": m["MRR"]}
     raise ValueError(f"unknown benchmark {benchmark!r}")
 
@@ -183,12 +211,10 @@ def evaluate_rerank(method: RetrievalMethod, task: RetrievalTask, benchmark: str
     result = {"seconds": seconds, "ms_per_1k_pairs": 1e6 * seconds / pairs,
               "ms_per_100_pairs": 1e5 * seconds / pairs, "shortlist": reranked.shape[1],
               "num_queries": n_q}
-    gallery_ids = np.asarray(task.gallery.ids, dtype=object)
-    rel = [metrics.relevance_of(list(gallery_ids[row]), task.positives[q])
-           for row, q in zip(reranked, task.queries.ids)]
+    rel = task.relevance(reranked)
     # what the best possible re-ranking of these shortlists scores (reporting.tables)
     result["relevant_in_shortlist"] = [int(sum(r)) for r in rel]
-    result["num_positives"] = [len(task.positives[q]) for q in task.queries.ids]
+    result["num_positives"] = task.num_positives()
     if benchmark == "ilias":
         result["metrics"] = score_ranking(task, reranked, "ilias", k)
     else:

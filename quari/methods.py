@@ -211,6 +211,17 @@ class TransformMethod(RetrievalMethod):
     def score_candidates(self, state, queries, candidates, query_ids=None):
         return scoring.candidate_scores(state, candidates)
 
+    def search(self, queries, gallery, k: int, chunk_rows: int = 65536,
+               query_ids: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k over the whole gallery with :func:`quari.scoring.topk`: the factored streaming
+        search, pruned (exact) for identity-anchored maps."""
+        q = as_tensor(queries, self.device)
+        with torch.no_grad():
+            state = self.prepare(q, query_ids)
+        s, i = scoring.topk(state, gallery, min(k, len(gallery)), chunk_rows=chunk_rows,
+                            device=self.device)
+        return s.cpu(), i.cpu()
+
 
 # -- the registry: every method found by name ----------------------------------------------------
 _BROKEN: dict[str, str] = {}

@@ -25,7 +25,9 @@ __all__ = [
     "reciprocal_rank",
     "relevance_of",
     "ilias_map_at_k",
+    "ilias_map_of_relevance",
     "inquire_metrics",
+    "inquire_metrics_of_relevance",
     "inquire_rerank_metrics",
     "inquire_rerank_fullpool_metrics",
     "inquire_rerank_fullpool_best_possible",
@@ -116,13 +118,21 @@ def ilias_map_at_k(ranked_ids: Sequence[Sequence], positives: Sequence[Collectio
     positive database ids. A query with no positives contributes AP 0, as in the official code.
     """
     _check_lengths(ranked_ids, positives)
-    if not ranked_ids:
+    return ilias_map_of_relevance([relevance_of(ids[:k], pos) for ids, pos in
+                                   zip(ranked_ids, positives)],
+                                  [len(pos) for pos in positives], k, scores)
+
+
+def ilias_map_of_relevance(relevance: Sequence[Sequence[float]], num_positives: Sequence[int],
+                           k: int = 1000, scores: Sequence[Sequence[float]] | None = None
+                           ) -> float:
+    """:func:`ilias_map_at_k` from each query's 0/1 relevance in ranked order and its number of
+    positives P (a ranking of gallery rows scored against the rows of its positives)."""
+    _check_lengths(relevance, num_positives)
+    if not len(relevance):
         raise ValueError("no queries to evaluate")
-    aps = [
-        average_precision_at_k(relevance_of(ids[:k], pos), len(pos), k,
-                               None if scores is None else scores[q])
-        for q, (ids, pos) in enumerate(zip(ranked_ids, positives))
-    ]
+    aps = [average_precision_at_k(rel, p, k, None if scores is None else scores[q])
+           for q, (rel, p) in enumerate(zip(relevance, num_positives))]
     return float(np.mean(aps))
 
 
@@ -133,13 +143,22 @@ def inquire_metrics(ranked_ids: Sequence[Sequence], positives: Sequence[Collecti
     MRR is computed over the retrieved top k, as the official code does on the top-k list.
     """
     _check_lengths(ranked_ids, positives)
-    if not ranked_ids:
+    return inquire_metrics_of_relevance([relevance_of(list(ids)[:k], pos) for ids, pos in
+                                         zip(ranked_ids, positives)],
+                                        [len(pos) for pos in positives], k)
+
+
+def inquire_metrics_of_relevance(relevance: Sequence[Sequence[float]],
+                                 num_positives: Sequence[int], k: int = 50) -> dict[str, float]:
+    """:func:`inquire_metrics` from each query's 0/1 relevance in ranked order and its P."""
+    _check_lengths(relevance, num_positives)
+    if not len(relevance):
         raise ValueError("no queries to evaluate")
     ap, ndcg, rr = [], [], []
-    for ids, pos in zip(ranked_ids, positives):
-        rel = relevance_of(list(ids)[:k], pos)
-        ap.append(average_precision_at_k(rel, len(pos), k))
-        ndcg.append(ndcg_at_k(rel, len(pos), k))
+    for rel, p in zip(relevance, num_positives):
+        rel = _as_relevance(rel)[:k]
+        ap.append(average_precision_at_k(rel, p, k))
+        ndcg.append(ndcg_at_k(rel, p, k))
         rr.append(reciprocal_rank(rel))
     return {"mAP": float(np.mean(ap)), "nDCG": float(np.mean(ndcg)), "MRR": float(np.mean(rr))}
 

@@ -5,9 +5,13 @@ An *embedding set* is a folder of shards::
     manifest.json          written last; lists the complete shards (its presence = complete set)
     shard-00000.npy        float16 [rows, E], L2-normalised
     shard-00000.ids.txt    one id per row
+    shard-00000.ids.npy    the same ids as fixed-width UTF-8 bytes (numpy ``S<w>``), for
+                           memory-mapping (manifest key ``id_array``; sets written before it
+                           existed have only the text file and still load)
 
 Every file is written to a temporary name and moved into place with ``os.replace``, so a killed
-process never leaves a file that looks complete. Loading memory-maps the shards.
+process never leaves a file that looks complete. Loading memory-maps the shards and their ids
+(:class:`IdColumn`): a 100M-row gallery never becomes 100M Python strings.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import struct
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,12 +134,137 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
+#: ids decoded or searched per block of an :class:`IdColumn` part
+ID_BLOCK_ROWS = 1 << 20
+
+
+def encode_ids(ids: Sequence[str]) -> np.ndarray:
+    """Ids as a fixed-width UTF-8 bytes array (numpy ``S<w>``, w = the longest id's bytes)."""
+    encoded = [i.encode("utf-8") for i in ids]
+    if any(e.endswith(b"\0") for e in encoded):
+        raise ValueError("ids must not end with a NUL character")
+    width = max((len(e) for e in encoded), default=1) or 1
+    return np.array(encoded, dtype=f"S{width}")
+
+
+class IdColumn(Sequence):
+    """The ids of an embedding set's rows as fixed-width UTF-8 bytes, one array per shard
+    (memory-mapped when loaded), read as ``str`` only where asked.
+
+    It is a read-only sequence of ``str`` (``len``, ``ids[i]``, ``ids[a:b]`` as a list,
+    iteration, ``==`` with a list); :meth:`take` translates row numbers (e.g. a top k) to ids and
+    :meth:`find` maps ids to row numbers in one streamed pass. Memory: one block of
+    ``ID_BLOCK_ROWS`` ids at a time, whatever the number of rows.
+    """
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        for part in parts:
+            if part.ndim != 1 or part.dtype.kind != "S":
+                raise ValueError(f"an id part must be a 1-D bytes array, got {part.dtype} "
+                                 f"of shape {part.shape}")
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+    @classmethod
+    def from_strings(cls, ids: Sequence[str]) -> "IdColumn":
+        return cls([encode_ids(ids)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __repr__(self) -> str:
+        return f"IdColumn({len(self)} ids in {len(self.parts)} parts)"
+
+    def _bytes(self, rows: np.ndarray) -> list[bytes]:
+        """The ids of row numbers ``rows`` (1-D, in range) as bytes, in order."""
+        out: list[bytes] = [b""] * len(rows)
+        part_of = np.searchsorted(self.starts, rows, side="right") - 1
+        for k in np.unique(part_of):
+            sel = np.flatnonzero(part_of == k)
+            for n, value in zip(sel.tolist(), self.parts[k][rows[sel] - self.starts[k]].tolist()):
+                out[n] = value
+        return out
+
+    def take(self, rows) -> np.ndarray:
+        """The ids (``str``, an object array of the same shape) of row numbers ``rows``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        n = len(self)
+        if rows.size and (rows.min() < -n or rows.max() >= n):
+            raise IndexError(f"row index out of range for {n} ids")
+        flat = np.where(rows < 0, rows + n, rows).reshape(-1)
+        out = np.empty(flat.shape, dtype=object)
+        out[:] = [b.decode("utf-8") for b in self._bytes(flat)]
+        return out.reshape(rows.shape)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            return [i for i in self.take(np.arange(start, stop, step))]
+        if isinstance(index, (int, np.integer)):
+            return str(self.take(np.array([index]))[0])
+        raise TypeError("IdColumn takes an int or a slice; use take() for arrays of rows")
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, bytes array) of consecutive blocks of at most ``ID_BLOCK_ROWS`` ids."""
+        for k, part in enumerate(self.parts):
+            for s in range(0, len(part), ID_BLOCK_ROWS):
+                yield int(self.starts[k]) + s, np.asarray(part[s:s + ID_BLOCK_ROWS])
+
+    def __iter__(self) -> Iterator[str]:
+        for _, block in self.blocks():
+            yield from (b.decode("utf-8") for b in block.tolist())
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (str, bytes)) or not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None
+
+    def find(self, ids: Iterable[str]) -> tuple[np.ndarray, list[str]]:
+        """(rows, ids): every row whose id is one of ``ids``, ascending, and that row's id; one
+        streamed pass (a binary search of each block in the sorted wanted ids)."""
+        wanted = sorted({i.encode("utf-8") for i in ids})
+        if not wanted:
+            return np.zeros(0, dtype=np.int64), []
+        wanted = np.array(wanted, dtype=bytes)
+        lengths = np.char.str_len(wanted)
+        rows, found = [], []
+        for start, block in self.blocks():
+            # longer ids cannot be in this block (and must not be truncated into a match)
+            keys = wanted[lengths <= block.dtype.itemsize].astype(block.dtype)
+            if not len(keys):
+                continue
+            pos = np.searchsorted(keys, block).clip(max=len(keys) - 1)
+            hit = np.flatnonzero(keys[pos] == block)
+            rows.append(hit + start)
+            found += [b.decode("utf-8") for b in block[hit].tolist()]
+        return (np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)), found
+
+
+def find_rows(ids: Sequence[str], wanted: Iterable[str]) -> dict[str, np.ndarray]:
+    """Row numbers (ascending) of each id of ``wanted`` found in ``ids`` (a list or an
+    :class:`IdColumn`), in one pass; ids not found are absent from the result."""
+    wanted = set(wanted)
+    if isinstance(ids, IdColumn):
+        rows, found = ids.find(wanted)
+        pairs = zip(found, rows.tolist())
+    else:
+        pairs = ((i, n) for n, i in enumerate(ids) if i in wanted)
+    out: dict[str, list[int]] = {}
+    for i, n in pairs:
+        out.setdefault(i, []).append(n)
+    return {i: np.array(r, dtype=np.int64) for i, r in out.items()}
+
+
 @dataclass
 class EmbeddingSet:
-    """Rows of L2-normalised embeddings with their ids (``embeddings[i]`` belongs to ``ids[i]``)."""
+    """Rows of L2-normalised embeddings with their ids (``embeddings[i]`` belongs to ``ids[i]``).
+
+    ``ids`` is a list of ``str``, or, for a set loaded memory-mapped, an :class:`IdColumn`."""
 
     embeddings: np.ndarray  # [N, E], float16 on disk, memory-mapped when loaded
-    ids: list[str]
+    ids: Sequence[str]
     source: str = ""  # the folder it was loaded from, for error messages ("" = built in memory)
 
     def __post_init__(self):
@@ -254,8 +383,8 @@ class EmbeddingSetWriter:
             state = json.loads(self._partial.read_text())
             if state["dim"] == dim and state["dtype"] == dtype:
                 self.shards = [s for s in state["shards"]
-                               if (self.directory / s["file"]).exists()
-                               and (self.directory / s["ids"]).exists()]
+                               if all((self.directory / s[key]).exists()
+                                      for key in ("file", "ids", "id_array") if key in s)]
 
     @property
     def completed_rows(self) -> int:
@@ -270,11 +399,14 @@ class EmbeddingSetWriter:
         if any(("\n" in i) for i in ids):
             raise ValueError("ids must not contain newlines")
         check_finite(embeddings, ids, f"shard {len(self.shards)} of {self.directory}")
+        id_array = encode_ids(ids)
         n = len(self.shards)
         name = f"shard-{n:05d}"
         atomic_save_npy(self.directory / f"{name}.npy", embeddings.astype(self.dtype))
         atomic_write_text(self.directory / f"{name}.ids.txt", "".join(f"{i}\n" for i in ids))
-        self.shards.append({"file": f"{name}.npy", "ids": f"{name}.ids.txt", "rows": len(ids)})
+        atomic_save_npy(self.directory / f"{name}.ids.npy", id_array)
+        self.shards.append({"file": f"{name}.npy", "ids": f"{name}.ids.txt",
+                            "id_array": f"{name}.ids.npy", "rows": len(ids)})
         atomic_write_json(self._partial, {"dim": self.dim, "dtype": self.dtype, "shards": self.shards})
 
     def close(self, meta: dict | None = None) -> None:
@@ -301,10 +433,30 @@ def save_embedding_set(directory: str | os.PathLike, embeddings: np.ndarray, ids
     writer.close(meta)
 
 
-def iter_shards(directory: str | os.PathLike) -> Iterator[EmbeddingSet]:
-    """Yield the shards of an embedding set one at a time (memory-mapped). A shard that is
-    truncated, of another width or row count than its manifest says, or whose ids file has
-    another number of lines, raises ValueError naming the file and the folder to delete."""
+def _shard_ids(directory: Path, shard: dict, mmap: bool, redo: str) -> Sequence[str]:
+    """A shard's ids: its memory-mapped id array (an :class:`IdColumn`) when ``mmap`` and the
+    set has one, else a list read from the text file; a count other than the shard's rows
+    raises ValueError naming the file and ``redo``."""
+    if mmap and "id_array" in shard:
+        path = directory / shard["id_array"]
+        try:
+            ids = IdColumn([np.load(path, mmap_mode="r", allow_pickle=False)])
+        except (OSError, ValueError, EOFError) as err:
+            raise ValueError(f"{path} cannot be read (truncated or corrupt: {err}); {redo}") from err
+    else:
+        path = directory / shard["ids"]
+        ids = path.read_text().splitlines()
+    if len(ids) != shard["rows"]:
+        raise ValueError(f"{path} lists {len(ids)} ids for the {shard['rows']} rows of "
+                         f"{directory / shard['file']}; {redo}")
+    return ids
+
+
+def iter_shards(directory: str | os.PathLike, mmap: bool = True) -> Iterator[EmbeddingSet]:
+    """Yield the shards of an embedding set one at a time (memory-mapped; the ids too when the
+    set has id arrays, ``mmap=False``: ids as lists). A shard that is truncated, of another
+    width or row count than its manifest says, or whose ids have another count, raises
+    ValueError naming the file and the folder to delete."""
     directory = Path(directory)
     manifest = _read_manifest(directory)
     redo = f"delete {directory} and compute it again"
@@ -317,11 +469,7 @@ def iter_shards(directory: str | os.PathLike) -> Iterator[EmbeddingSet]:
         if emb.ndim != 2 or emb.shape[1] != manifest["dim"] or emb.shape[0] != shard["rows"]:
             raise ValueError(f"{path} holds an array of shape {tuple(emb.shape)}; the manifest "
                              f"says {shard['rows']} rows of width {manifest['dim']}; {redo}")
-        ids = (directory / shard["ids"]).read_text().splitlines()
-        if len(ids) != len(emb):
-            raise ValueError(f"{directory / shard['ids']} lists {len(ids)} ids for the "
-                             f"{len(emb)} rows of {path}; {redo}")
-        yield EmbeddingSet(emb, ids, source=str(directory))
+        yield EmbeddingSet(emb, _shard_ids(directory, shard, mmap, redo), source=str(directory))
 
 
 class ShardedRows:
@@ -385,13 +533,18 @@ class ShardedRows:
 
 def load_embedding_set(directory: str | os.PathLike, mmap: bool = True) -> EmbeddingSet:
     """Load a complete embedding set. Memory-mapped by default: one shard is its memmap, several
-    are a :class:`ShardedRows` view (nothing is concatenated). ``mmap=False`` reads it all."""
-    shards = list(iter_shards(directory))
+    are a :class:`ShardedRows` view (nothing is concatenated), and the ids are an
+    :class:`IdColumn` over the shards' memory-mapped id arrays (a list for a set written before
+    those existed). ``mmap=False`` reads it all, ids as a list."""
+    shards = list(iter_shards(directory, mmap=mmap))
     manifest = _read_manifest(Path(directory))
     source = str(directory)
     if not shards:
         return EmbeddingSet(np.zeros((0, manifest["dim"]), dtype=np.float16), [], source)
-    ids = [i for s in shards for i in s.ids]
+    if all(isinstance(s.ids, IdColumn) for s in shards):
+        ids = IdColumn([part for s in shards for part in s.ids.parts])
+    else:
+        ids = [i for s in shards for i in s.ids]
     if not mmap:
         return EmbeddingSet(np.concatenate([s.embeddings for s in shards]), ids, source)
     if len(shards) == 1:

@@ -48,3 +48,39 @@ def test_search_metrics_equal_brute_force_at_any_query_batch(query_batch):
     assert result["metrics"]["mAP@50"] == pytest.approx(expected, abs=1e-9)
     # each batch of queries streams the gallery once
     assert CountingGallery.passes == -(-len(qids) // query_batch)
+
+
+@pytest.mark.parametrize("benchmark,k", [("ilias", 30), ("inquire", 20)])
+def test_memory_mapped_ids_score_like_the_id_lists(tmp_path, benchmark, k):
+    """A gallery loaded with memory-mapped ids (positives found as rows once) scores exactly as
+    ranking ids against positive-id sets does; positives absent from the gallery still count
+    in P, and the re-ranking path agrees too."""
+    from quari.evaluation import evaluate_rerank
+    from quari.store import IdColumn, load_embedding_set, save_embedding_set
+
+    rng = np.random.default_rng(3)
+    q, g, qids, gids, positives = random_task(rng, queries=7, gallery=250)
+    positives[qids[0]] = positives[qids[0]] | {"not-in-the-gallery"}
+    save_embedding_set(tmp_path / "g", g, gids, shard_rows=100)
+    gallery = load_embedding_set(tmp_path / "g")
+    assert isinstance(gallery.ids, IdColumn)
+    mapped = RetrievalTask("i2i", EmbeddingSet(q, qids), gallery, positives)
+    listed = RetrievalTask("i2i", EmbeddingSet(q, qids), EmbeddingSet(np.asarray(gallery.embeddings), gids),
+                           positives)
+    method = Identity(device="cpu")
+    got = evaluate_search(method, mapped, benchmark, k=k, chunk_rows=64)["metrics"]
+    ranked = [[gids[j] for j in np.argsort(-(g.astype(np.float16).astype(np.float64) @ row),
+                                           kind="stable")[:k]] for row in q]
+    truth = [positives[i] for i in qids]
+    if benchmark == "ilias":
+        assert got[f"mAP@{k}"] == pytest.approx(metrics.ilias_map_at_k(ranked, truth, k), abs=1e-9)
+    else:
+        ref = metrics.inquire_metrics(ranked, truth, k)
+        assert got == pytest.approx({f"mAP@{k}": ref["mAP"], f"nDCG@{k}": ref["nDCG"],
+                                     "MRR": ref["MRR"]}, abs=1e-9)
+    assert evaluate_search(method, listed, benchmark, k=k, chunk_rows=64)["metrics"] == got
+    a = evaluate_rerank(method, mapped, benchmark, shortlist=40, k=k, chunk_rows=64)
+    b = evaluate_rerank(method, listed, benchmark, shortlist=40, k=k, chunk_rows=64)
+    assert a["metrics"] == b["metrics"]
+    assert a["relevant_in_shortlist"] == b["relevant_in_shortlist"]
+    assert a["num_positives"] == b["num_positives"] == [len(positives[i]) for i in qids]

@@ -260,3 +260,213 @@ def test_query_transform_validates_shapes():
     t = QueryTransform(q, torch.randn(2, 8, 3), torch.randn(2, 8, 3), 1.0, 0.0)
     assert (t.batch_size, t.dim, t.rank) == (2, 8, 3)
     assert torch.equal(t[1].query, q[1:2]) and torch.equal(t[-1].left, t.left[-1:])
+
+
+# --------------------------------------------------------------------------------------------
+# Pruned exact search (identity-anchored maps)
+
+
+def spiky_transform(batch, dim, rank, dtype=torch.float32, seed=0, spike=3.0):
+    """Released-variant maps whose U'V'^T is dominated by one rank-1 term plus small noise, the
+    shape of trained QuARI maps (a few large eigenvalues of W W^T - I, the rest near 0)."""
+    g = torch.Generator().manual_seed(seed)
+    query = F.normalize(torch.randn(batch, dim, generator=g, dtype=dtype), dim=-1)
+    u, v = (torch.randn(batch, dim, 1, generator=g, dtype=dtype) for _ in range(2))
+    left = spike * u + torch.randn(batch, dim, rank, generator=g, dtype=dtype) / dim ** 0.5
+    right = spike * v + torch.randn(batch, dim, rank, generator=g, dtype=dtype) / dim ** 0.5
+    left = left / torch.linalg.matrix_norm(left, keepdim=True)
+    right = right / torch.linalg.matrix_norm(right, keepdim=True)
+    return QueryTransform(query, left, right, scale=0.8, anchor=1.0)
+
+
+def model_transform(batch, dim, rank, seed=0):
+    """The maps of an untrained released QuARI (its spectra are concentrated, as trained ones)."""
+    from quari.model import QuARI, QuARIConfig
+    torch.manual_seed(seed)
+    model = QuARI(QuARIConfig(embedding_dim=dim, hidden_dim=32, nhead=2, num_layers=1,
+                              num_steps=2, rank=rank, dropout=0.0)).eval()
+    with torch.no_grad():
+        return model(F.normalize(torch.randn(batch, dim), dim=-1))
+
+
+def flat_transform(batch, dim, rank, dtype=torch.float32, seed=0):
+    """Adversarial maps: U'V'^T = P S P^T for an orthonormal basis P of 20 > 2 x
+    PRUNE_MAX_DIRECTIONS directions and signs S = +-1, so W W^T - I has ten eigenvalues 2.61 and
+    ten -0.99: whatever directions are kept, the others leave the bounds far apart."""
+    rank = max(rank, 20)
+    g = torch.Generator().manual_seed(seed)
+    query = F.normalize(torch.randn(batch, dim, generator=g, dtype=dtype), dim=-1)
+    basis = torch.linalg.qr(torch.randn(batch, dim, rank, generator=g, dtype=dtype))[0]
+    signs = torch.where(torch.arange(rank) % 2 == 0, 1.0, -1.0).to(dtype)
+    return QueryTransform(query, basis * signs, basis, scale=0.9, anchor=1.0)
+
+
+MAPS = {"random": lambda b, d, r: random_transform(b, d, r, "released", dtype=torch.float32),
+        "spiky": spiky_transform, "model": model_transform, "flat": flat_transform}
+
+
+def full_scores(t, gallery):
+    """The full path's score of every row [B, N], in row order."""
+    s, i = scoring.topk(t, gallery, gallery.shape[0], chunk_rows=37, method="full")
+    return torch.empty_like(s).scatter_(1, i, s)
+
+
+def test_map_spectrum_is_that_of_the_dense_map():
+    for t in (random_transform(3, 12, 4, "released"), spiky_transform(2, 10, 3, torch.float64),
+              random_transform(2, 6, 4, "released")):  # 2r > E
+        values, vectors = scoring.map_spectrum(t)
+        eye = torch.eye(t.dim, dtype=torch.float64)
+        w = t.anchor * eye + t.scale * t.left.double() @ t.right.double().transpose(1, 2)
+        dense = torch.linalg.eigvalsh(w @ w.transpose(1, 2) - t.anchor ** 2 * eye)
+        m = values.shape[1]
+        # the m eigenvalues, and zeros for the other E - m directions
+        padded = torch.sort(torch.cat([values, values.new_zeros(t.batch_size, t.dim - m)], 1))
+        torch.testing.assert_close(padded.values, dense, atol=1e-10, rtol=0)
+        rebuilt = vectors @ torch.diag_embed(values) @ vectors.transpose(1, 2)
+        torch.testing.assert_close(rebuilt, w @ w.transpose(1, 2) - t.anchor ** 2 * eye,
+                                   atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("kind", MAPS)
+@pytest.mark.parametrize("directions", [None, 0, 1, 2, 5])
+def test_bounds_hold_for_every_row(kind, directions):
+    t = MAPS[kind](6, 48, 8)
+    rng = np.random.default_rng(1)
+    gallery = torch.from_numpy(rng.standard_normal((400, 48)).astype(np.float16))
+    gallery[7] = 0  # a degenerate row
+    gallery[8] = gallery[9]  # a duplicate
+    exact = full_scores(t, gallery)
+    plan = scoring.prune_plan(t, 400, 10, directions=directions)
+    num, lower, upper = scoring.score_bounds(plan, gallery.float())
+    assert torch.all(lower <= exact) and torch.all(exact <= upper)
+    # the numerators are the map's (d W) . q'
+    eye = torch.eye(48)
+    w = t.anchor * eye + t.scale * t.left @ t.right.transpose(1, 2)
+    torch.testing.assert_close(num, torch.einsum("ne,bef,bf->bn", gallery.float(), w, t.query),
+                               atol=1e-5, rtol=1e-5)
+    if directions is None and kind == "flat":
+        assert not plan.bounded.any()  # a spread spectrum: every row is scored exactly
+    if directions is None and kind == "spiky":
+        assert plan.bounded.all() and (plan.directions >= 2).all()
+    # queries without bounds are scored on every row
+    assert torch.isfinite(upper[plan.bounded]).all() and torch.isinf(upper[~plan.bounded]).all()
+    if directions == 5 and kind == "spiky":
+        assert (upper - lower).max() < 0.05
+
+
+def test_bounds_with_every_direction_are_tight():
+    t = spiky_transform(3, 24, 4)
+    gallery = torch.randn(200, 24)
+    plan = scoring.prune_plan(t, 200, 10, directions=8)  # 2r = 8: M entirely kept
+    assert torch.equal(plan.lam_lo, torch.zeros(3)) and torch.equal(plan.lam_hi, torch.zeros(3))
+    _, lower, upper = scoring.score_bounds(plan, gallery)
+    exact = full_scores(t, gallery)
+    assert torch.all(lower <= exact) and torch.all(exact <= upper)
+    assert (upper - lower).max() < 1e-3
+
+
+@pytest.mark.parametrize("kind", MAPS)
+@pytest.mark.parametrize("chunk_rows,k", [(64, 10), (50, 1), (1000, 57), (33, 150)])
+def test_pruned_topk_equals_full_path_and_dense_reference(kind, chunk_rows, k):
+    t = MAPS[kind](5, 32, 6)
+    gallery = F.normalize(torch.randn(700, 32), dim=-1).half()
+    stats = {}
+    s, i = scoring.topk(t, gallery, k, chunk_rows=chunk_rows, stats=stats)
+    fs, fi = scoring.topk(t, gallery, k, chunk_rows=chunk_rows, method="full")
+    ref_s, ref_i = brute_topk(scoring.dense_scores(t, gallery.double()), k)
+    assert s.shape == (5, k) and s.dtype == torch.float32 and i.dtype == torch.int64
+    assert torch.equal(i, fi)
+    torch.testing.assert_close(s, fs, atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(i.numpy(), ref_i)
+    np.testing.assert_allclose(s.numpy(), ref_s, atol=1e-5)
+    assert stats["pairs"] == 700 * 5 and 0 < stats["rescored"] <= stats["pairs"]
+    if kind == "flat":
+        assert stats["directions"] == [-1] * 5  # today's path, no bounds to pay for
+
+
+def test_pruned_topk_rescores_few_rows_of_concentrated_spectra():
+    t = spiky_transform(4, 64, 8)
+    gallery = F.normalize(torch.randn(20000, 64), dim=-1).half()
+    stats = {}
+    s, i = scoring.topk(t, gallery, 20, chunk_rows=4096, stats=stats)
+    fs, fi = scoring.topk(t, gallery, 20, chunk_rows=4096, method="full")
+    assert torch.equal(i, fi)
+    assert all(0 <= j <= scoring.PRUNE_MAX_DIRECTIONS for j in stats["directions"])
+    assert stats["rescored"] < 0.05 * stats["pairs"]
+
+
+def test_pruned_topk_float64_map_matches_dense():
+    t = spiky_transform(3, 20, 4, dtype=torch.float64)
+    gallery = torch.randn(300, 20, dtype=torch.float64)
+    s, i = scoring.topk(t, gallery, 25, chunk_rows=70)
+    ref_s, ref_i = brute_topk(scoring.dense_scores(t, gallery), 25)
+    np.testing.assert_array_equal(i.numpy(), ref_i)
+    np.testing.assert_allclose(s.numpy(), ref_s, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", scoring.TOPK_METHODS)
+def test_topk_methods_break_ties_by_lower_index(method):
+    # integer data and orthonormal basis vectors make every product exact, so duplicated rows
+    # score exactly alike, in the bounds as in the exact scores
+    g = torch.Generator().manual_seed(5)
+    base = torch.randint(-3, 4, (5, 16), generator=g).float()
+    gallery = base[torch.randint(0, 5, (90,), generator=g)]
+    right = torch.eye(16)[:, [3, 11]].expand(4, 16, 2)
+    t = QueryTransform(query=torch.randint(-2, 3, (4, 16), generator=g).float(),
+                       left=torch.randint(-1, 2, (4, 16, 2), generator=g).float(),
+                       right=right, scale=0.5, anchor=1.0)
+    full = scoring.scores(t, gallery)
+    ref = torch.sort(full, dim=1, descending=True, stable=True).indices
+    for k, chunk in ((30, 7), (5, 90), (90, 13)):
+        _, i = scoring.topk(t, gallery, k, chunk_rows=chunk, method=method)
+        assert torch.equal(i, ref[:, :k])
+
+
+def test_pruned_topk_k_larger_than_gallery():
+    t = spiky_transform(2, 8, 2)
+    gallery = torch.randn(9, 8)
+    s, i = scoring.topk(t, gallery, 100, chunk_rows=4)
+    fs, fi = scoring.topk(t, gallery, 100, chunk_rows=4, method="full")
+    assert s.shape == (2, 9) and torch.equal(i, fi)
+    assert sorted(i[0].tolist()) == list(range(9))
+
+
+def test_pruned_topk_fp16_memmap_and_sharded_gallery(tmp_path):
+    from quari.store import ShardedRows
+    rng = np.random.default_rng(2)
+    data = rng.standard_normal((1203, 32)).astype(np.float16)
+    mm = np.memmap(tmp_path / "g.f16", dtype=np.float16, mode="w+", shape=data.shape)
+    mm[:] = data
+    mm.flush()
+    mm = np.memmap(tmp_path / "g.f16", dtype=np.float16, mode="r", shape=data.shape)
+    sharded = ShardedRows([mm[:500], mm[500:501], mm[501:]])
+    t = model_transform(4, 32, 4)
+    ref_s, ref_i = brute_topk(scoring.dense_scores(t, torch.from_numpy(data).double()), 40)
+    for gallery in (mm, sharded):
+        s, i = scoring.topk(t, gallery, 40, chunk_rows=256)
+        np.testing.assert_array_equal(i.numpy(), ref_i)
+        np.testing.assert_allclose(s.numpy(), ref_s, atol=1e-5)
+
+
+def test_pruned_topk_query_blocks(monkeypatch):
+    t = spiky_transform(7, 16, 4)
+    gallery = torch.randn(300, 16)
+    whole = scoring.topk(t, gallery, 9, chunk_rows=40)
+    monkeypatch.setattr(scoring, "BLOCK_ELEMENTS", 40 * 12 * 2)  # a few queries per block
+    blocked = scoring.topk(t, gallery, 9, chunk_rows=40)
+    assert torch.equal(whole[1], blocked[1])
+    torch.testing.assert_close(whole[0], blocked[0])
+
+
+def test_pruned_topk_paper_variant_keeps_its_path():
+    t = random_transform(3, 16, 4, "paper", dtype=torch.float32)
+    gallery = torch.randn(100, 16)
+    stats = {}
+    s, i = scoring.topk(t, gallery, 10, chunk_rows=30, stats=stats)
+    fs, fi = scoring.topk(t, gallery, 10, chunk_rows=30, method="full")
+    assert torch.equal(i, fi) and torch.equal(s, fs)
+    assert stats["directions"] == [-1] * 3
+    with pytest.raises(ValueError, match="anchor"):
+        scoring.prune_plan(t, 100, 10)
+    with pytest.raises(ValueError, match="method"):
+        scoring.topk(t, gallery, 10, method="fast")

@@ -91,6 +91,56 @@ def test_a_sharded_set_loads_as_a_view_that_reads_like_the_concatenation(tmp_pat
     assert torch.allclose(method.rerank(queries, rows, gather[:3]), method.rerank(queries, x, gather[:3]))
 
 
+# -- compact, memory-mapped ids -------------------------------------------------------------------
+
+def test_ids_load_as_a_memory_mapped_column_that_reads_like_the_list(tmp_path, monkeypatch):
+    import quari.store as store
+    from quari.store import IdColumn, find_rows
+
+    monkeypatch.setattr(store, "ID_BLOCK_ROWS", 3)  # several blocks per shard
+    ids = [f"inst_{i:03d}/pos/é{i}" for i in range(17)] + ["x", "a much longer id than the others"]
+    save_embedding_set(tmp_path / "set", np.zeros((19, 4)), ids, shard_rows=7)
+    loaded = load_embedding_set(tmp_path / "set")
+    assert isinstance(loaded.ids, IdColumn) and len(loaded.ids.parts) == 3
+    assert all(isinstance(p, np.memmap) for p in loaded.ids.parts)
+    assert loaded.ids == ids and ids == loaded.ids and list(loaded.ids) == ids
+    assert loaded.ids != ids[:-1] + ["y"]
+    assert loaded.ids[5] == ids[5] and loaded.ids[-1] == ids[-1] and loaded.ids[3:9] == ids[3:9]
+    rows = np.array([[18, 0, 7], [6, 6, 17]])
+    np.testing.assert_array_equal(loaded.ids.take(rows), np.array(ids, dtype=object)[rows])
+    with pytest.raises(IndexError):
+        loaded.ids.take([19])
+    # ids to rows in one pass: every match, nothing for absent or truncated-prefix ids
+    wanted = {ids[2], ids[9], ids[18], "x", "inst_00", "absent", ids[17][:-1]}
+    found = find_rows(loaded.ids, wanted)
+    assert found.keys() == {ids[2], ids[9], ids[18], "x"}
+    assert {i: r.tolist() for i, r in found.items()} == {ids[2]: [2], ids[9]: [9], ids[18]: [18],
+                                                         "x": [17]}
+    assert {i: r.tolist() for i, r in find_rows(ids, wanted).items()} == {
+        i: r.tolist() for i, r in found.items()}
+    assert find_rows(loaded.ids, []) == {}
+    assert load_embedding_set(tmp_path / "set", mmap=False).ids == ids
+    assert IdColumn.from_strings(["b", "a", "b"]).find(["b"])[0].tolist() == [0, 2]
+
+
+def test_sets_written_before_id_arrays_still_load(tmp_path):
+    import json
+
+    ids = [f"id{i}" for i in range(9)]
+    save_embedding_set(tmp_path / "set", np.ones((9, 3)), ids, shard_rows=4)
+    manifest = json.loads((tmp_path / "set" / "manifest.json").read_text())
+    for shard in manifest["shards"]:  # the previous format: text ids only
+        (tmp_path / "set" / shard.pop("id_array")).unlink()
+    (tmp_path / "set" / "manifest.json").write_text(json.dumps(manifest))
+    loaded = load_embedding_set(tmp_path / "set")
+    assert loaded.ids == ids and isinstance(loaded.ids, list)
+
+
+def test_ids_must_not_end_with_nul(tmp_path):
+    with pytest.raises(ValueError, match="NUL"):
+        save_embedding_set(tmp_path / "set", np.ones((1, 3)), ["a\0"])
+
+
 # -- streamed, uncompressed .npz files -------------------------------------------------------------
 
 def npz_arrays(rng, images):
