@@ -283,6 +283,16 @@ class EmbeddingSet:
         return {i: n for n, i in enumerate(self.ids)}
 
 
+#: the keys of a manifest's shard entry that name files of the set (relative to its folder)
+SHARD_FILE_KEYS = ("file", "ids", "id_array")
+
+
+def shard_under(shard: dict, folder: str) -> dict:
+    """A manifest shard entry whose files are given relative to ``folder`` (a sub-folder of the
+    set that holds them, e.g. a part's), every file key included."""
+    return {**shard, **{key: f"{folder}/{shard[key]}" for key in SHARD_FILE_KEYS if key in shard}}
+
+
 def _read_manifest(directory: Path) -> dict:
     path = directory / MANIFEST
     if not path.exists():
@@ -384,7 +394,7 @@ class EmbeddingSetWriter:
             if state["dim"] == dim and state["dtype"] == dtype:
                 self.shards = [s for s in state["shards"]
                                if all((self.directory / s[key]).exists()
-                                      for key in ("file", "ids", "id_array") if key in s)]
+                                      for key in SHARD_FILE_KEYS if key in s)]
 
     @property
     def completed_rows(self) -> int:
