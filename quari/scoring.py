@@ -320,7 +320,8 @@ class PrunePlan:
     anchor: float
     columns: torch.Tensor  # [B, E, c]: the exact path's factor columns [A | Q]
     mat: torch.Tensor  # [E, B + J]: numerator vectors w_1..w_B, then every kept direction
-    weights: torch.Tensor  # [J, 2B]: kept direction -> (its eigenvalue, 1) at its query
+    owner: torch.Tensor  # [J] int64: the query of each kept direction (ascending)
+    lam: torch.Tensor  # [J]: its eigenvalue
     lam_lo: torch.Tensor  # [B] smallest eigenvalue bound of the directions not kept (<= 0)
     lam_hi: torch.Tensor  # [B] largest (>= 0)
     margin: torch.Tensor  # [B] margin of ||dW||^2, in units of ||d||^2
@@ -337,15 +338,12 @@ class PrunePlan:
         """The plan of queries ``sl`` (a slice of consecutive queries)."""
         first = int(self.directions[:sl.start].sum())
         count = int(self.directions[sl].sum())
-        cols = torch.cat([self.mat[:, sl], self.mat[:, self.batch_size + first:
-                                                     self.batch_size + first + count]], dim=1)
-        size = sl.stop - sl.start
-        own = self.weights[first:first + count]
-        weights = torch.cat([own[:, sl], own[:, self.batch_size + sl.start:
-                                             self.batch_size + sl.stop]], dim=1)
-        return PrunePlan(self.anchor, self.columns[sl], cols, weights.reshape(count, 2 * size),
-                         self.lam_lo[sl], self.lam_hi[sl], self.margin[sl],
-                         self.num_margin[sl], self.score_margin,
+        batch = self.batch_size
+        cols = torch.cat([self.mat[:, sl], self.mat[:, batch + first:batch + first + count]], 1)
+        return PrunePlan(self.anchor, self.columns[sl], cols,
+                         self.owner[first:first + count] - sl.start,
+                         self.lam[first:first + count], self.lam_lo[sl], self.lam_hi[sl],
+                         self.margin[sl], self.num_margin[sl], self.score_margin,
                          self.bounded[sl], self.directions[sl])
 
 
@@ -427,22 +425,60 @@ def prune_plan(transform: QueryTransform, n_rows: int, k: int, chunk_rows: int =
         owner += [b] * len(index)
     count = len(owner)
     lam = torch.cat(lam) if lam else values.new_zeros(0)
-    weights = values.new_zeros(count, 2 * batch)
-    rows = torch.arange(count, device=device)
     owner_t = torch.tensor(owner, dtype=torch.int64, device=device)
-    weights[rows, owner_t] = lam
-    weights[rows, owner_t + batch] = 1.0
     mat = torch.cat([w.T.to(torch.float64)] + kept, dim=1) if kept else w.T.to(torch.float64)
     lam_lo = torch.stack([options[o][2][b] for b, o in enumerate(choice.tolist())])
     lam_hi = torch.stack([options[o][3][b] for b, o in enumerate(choice.tolist())])
     directions_kept = torch.bincount(owner_t, minlength=batch) if count else torch.zeros(
         batch, dtype=torch.int64, device=device)
     margin, num_margin = _rounding_margins(t, columns, w, values, directions_kept)
-    return PrunePlan(anchor=a, columns=columns, mat=mat.to(dtype), weights=weights.to(dtype),
+    return PrunePlan(anchor=a, columns=columns, mat=mat.to(dtype), owner=owner_t,
+                     lam=lam.to(dtype),
                      lam_lo=lam_lo.to(dtype), lam_hi=lam_hi.to(dtype), margin=margin.to(dtype),
                      num_margin=num_margin.to(dtype),
                      score_margin=SCORE_MARGIN_ULPS * torch.finfo(torch.float32).eps / 2,
                      bounded=bounded, directions=directions_kept)
+
+
+def _bound_terms(plan: PrunePlan, rows: torch.Tensor, dd: torch.Tensor
+                 ) -> tuple[torch.Tensor, ...]:
+    """(num, sq_lo, sq_hi, shift), each [B, n]: numerators, the bounds of ||dW||^2 (margins
+    included) and the numerators' margin, for every query of ``plan`` and row of ``rows``."""
+    batch = plan.batch_size
+    x = (rows @ plan.mat).T  # [B + J, n]: one product for numerators and kept directions
+    num = x[:batch]
+    a2 = plan.anchor * plan.anchor
+    sq_lo = (a2 - plan.margin)[:, None] * dd[None]
+    sq_hi = (a2 + plan.margin)[:, None] * dd[None]
+    rest = dd[None].expand(batch, -1)
+    if plan.owner.numel():
+        kept = x[batch:].square_()
+        seen = torch.zeros_like(num).index_add_(0, plan.owner, kept)  # sum_J x_i^2
+        exact = torch.zeros_like(num).index_add_(0, plan.owner, kept.mul_(plan.lam[:, None]))
+        sq_lo += exact
+        sq_hi += exact
+        rest = (rest - seen).clamp_min_(0)
+    sq_lo.addcmul_(plan.lam_lo[:, None], rest)
+    sq_hi.addcmul_(plan.lam_hi[:, None], rest)
+    shift = plan.num_margin[:, None] * dd.sqrt()[None]
+    return num, sq_lo, sq_hi, shift
+
+
+def _upper_bound(num, sq_lo, sq_hi, shift, score_margin: float) -> torch.Tensor:
+    """Upper bounds of num / sqrt(max(||dW||^2, eps^2)): a positive numerator over the smallest
+    norm, a negative one over the largest (the numerator at the top of its margin)."""
+    top = num + shift
+    floor = NORM_EPS ** 2
+    upper = top * torch.where(top >= 0, sq_lo, sq_hi).clamp_min_(floor).rsqrt_()
+    return upper.add_(upper.abs(), alpha=score_margin)
+
+
+def _lower_bound(num, sq_lo, sq_hi, shift, score_margin: float) -> torch.Tensor:
+    """Lower bounds, as :func:`_upper_bound` (the numerator at the bottom of its margin)."""
+    bottom = num - shift
+    floor = NORM_EPS ** 2
+    lower = bottom * torch.where(bottom >= 0, sq_hi, sq_lo).clamp_min_(floor).rsqrt_()
+    return lower.sub_(lower.abs(), alpha=score_margin)
 
 
 def score_bounds(plan: PrunePlan, rows: torch.Tensor, dd: torch.Tensor | None = None
@@ -450,38 +486,18 @@ def score_bounds(plan: PrunePlan, rows: torch.Tensor, dd: torch.Tensor | None = 
     """(numerators, lower bounds, upper bounds), each [B, n], of the exact scores of ``rows``
     [n, E] (in the plan's dtype and device) for every query of ``plan``; ``dd`` = ||d||^2 [n].
 
-    Valid for the scores the exact path computes from the same numerators (rounding included,
-    through the plan's margins). A query scored on every row gets bounds -inf and +inf.
+    Valid for the scores either exact path computes (rounding included, through the plan's
+    margins). A query scored on every row gets bounds -inf and +inf.
     """
-    batch = plan.batch_size
     if dd is None:
         dd = torch.linalg.vector_norm(rows, dim=1).square()
-    x = plan.mat.T @ rows.T  # [B + J, n]
-    num = x[:batch]
-    a2 = plan.anchor * plan.anchor
-    if plan.weights.shape[0]:
-        parts = plan.weights.T @ x[batch:].square()  # [2B, n]
-        base = parts[:batch] + a2 * dd[None]
-        rest = (dd[None] - parts[batch:]).clamp_min_(0)
-    else:
-        base = (a2 * dd)[None].expand(batch, -1)
-        rest = dd[None].expand(batch, -1)
-    widen = plan.margin[:, None] * dd[None]
-    floor = NORM_EPS ** 2
-    low = (base + plan.lam_lo[:, None] * rest - widen).clamp_min_(floor).sqrt_()
-    high = (base + plan.lam_hi[:, None] * rest + widen).clamp_min_(floor).sqrt_()
-    shift = plan.num_margin[:, None] * dd.sqrt()[None]
-    # the score num / norm grows with num and, for num of either sign, is extreme at one of
-    # the two norms
-    top, bottom = num + shift, num - shift
-    upper = torch.maximum(top / low, top / high)
-    lower = torch.minimum(bottom / low, bottom / high)
-    upper.add_(upper.abs(), alpha=plan.score_margin)
-    lower.sub_(lower.abs(), alpha=plan.score_margin)
+    terms = _bound_terms(plan, rows, dd)
+    upper = _upper_bound(*terms, plan.score_margin)
+    lower = _lower_bound(*terms, plan.score_margin)
     if not bool(plan.bounded.all()):
         upper[~plan.bounded] = float("inf")
         lower[~plan.bounded] = float("-inf")
-    return num, lower, upper
+    return terms[0], lower, upper
 
 
 def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -553,6 +569,7 @@ def _topk_pruned(t: QueryTransform, gallery: Gallery, k: int, chunk_rows: int, n
         used += size
     blocks.append(slice(begin, batch))
     plans = [plan[sl] for sl in blocks]
+    all_bounded = {sl.start: bool(p.bounded.all()) for sl, p in zip(blocks, plans)}
     best_s = torch.full((batch, k), float("-inf"), dtype=torch.float32, device=device)
     best_i = torch.full((batch, k), -1, dtype=torch.int64, device=device)
     rescored = 0
@@ -561,19 +578,23 @@ def _topk_pruned(t: QueryTransform, gallery: Gallery, k: int, chunk_rows: int, n
         n = rows.shape[0]
         dd = torch.linalg.vector_norm(rows, dim=1).square()
         for sl, p in zip(blocks, plans):
-            num, lower, upper = score_bounds(p, rows, dd)
+            terms = _bound_terms(p, rows, dd)
+            num = terms[0]
             # compared as the exact scores are merged, in float32 (rounding is monotone, so
             # the float32 bounds still bound the float32 scores)
-            lower, upper = lower.float(), upper.float()
+            upper = _upper_bound(*terms, p.score_margin).float()
+            if not all_bounded[sl.start]:
+                upper[~p.bounded] = float("inf")
             # rows that may beat the k-th best exact score so far
             cand = upper >= best_s[sl, k - 1:k]
             index, valid = _compact(cand)
             if index.shape[1] == 0:
                 continue
-            low = torch.where(valid, lower.gather(1, index), float("-inf"))
+            lower = _lower_bound(*(x.gather(1, index) for x in terms), p.score_margin).float()
+            lower = lower.masked_fill_(~(valid & p.bounded[:, None]), float("-inf"))
             # k-th best of (running exact scores, candidates' lower bounds): k distinct rows
             # score at least this, so a row whose upper bound is below it cannot enter
-            pool = torch.cat([best_s[sl], low], dim=1)
+            pool = torch.cat([best_s[sl], lower], dim=1)
             tau = torch.topk(pool, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
             keep = valid & (upper.gather(1, index) >= tau)
             counts = keep.sum(dim=1)
