@@ -237,7 +237,7 @@ def test_a_second_writer_of_an_embedding_set_fails_naming_the_folder(tmp_path, o
     writer.close()
     assert load_embedding_set(folder).ids == ["a", "b"]
     assert sorted(p.name for p in folder.iterdir()) == [
-        "manifest.json", "shard-00000.ids.txt", "shard-00000.npy"]
+        "manifest.json", "shard-00000.ids.npy", "shard-00000.ids.txt", "shard-00000.npy"]
 
 
 def test_a_second_training_on_one_checkpoint_folder_fails(tmp_path, other_writer):
@@ -271,12 +271,19 @@ def test_a_truncated_shard_names_the_file_and_the_folder_to_delete(tmp_path):
 
 def test_an_ids_file_of_another_length_names_both_files(tmp_path):
     from quari.store import load_embedding_set
+    import numpy as np
     folder = _saved_set(tmp_path / "set")
     ids = folder / "shard-00000.ids.txt"
     ids.write_text("id0\nid1\n")  # 2 ids for 3 rows
     with pytest.raises(ValueError) as err:
-        load_embedding_set(folder)
+        load_embedding_set(folder, mmap=False)  # read as lists, from the text files
     assert str(ids) in str(err.value) and "shard-00000.npy" in str(err.value)
+    assert "2 ids" in str(err.value) and "3 rows" in str(err.value)
+    id_array = folder / "shard-00000.ids.npy"  # memory-mapped, from the id arrays
+    np.save(id_array, np.array([b"id0", b"id1"]))
+    with pytest.raises(ValueError) as err:
+        load_embedding_set(folder)
+    assert str(id_array) in str(err.value) and "shard-00000.npy" in str(err.value)
     assert "2 ids" in str(err.value) and "3 rows" in str(err.value)
 
 

@@ -18,8 +18,7 @@ the demo's recipe; or the model saved in ``--checkpoint``, which ``--save-checkp
 for the world's ILIAS queries, over a gallery of the world's images, each repeated with
 isotropic jitter (``--jitter``) to ``--rows`` rows. With ``--dense-rows`` > 0 the factored
 scores are also checked against forming each query's E x E matrix on that many rows.
-Every timing follows a warm-up on one chunk; B = 1 is the best of ``--repeats`` (at least 3)
-runs, a batch the best of ``--repeats``. ``--gallery-file`` searches an existing fp16 [N, E]
+Every timing follows a warm-up on one chunk and is the best of ``--repeats`` runs. ``--gallery-file`` searches an existing fp16 [N, E]
 raw memmap instead (e.g. 100M rows on a GPU machine's disk) for the random maps.
 """
 
@@ -157,7 +156,7 @@ def compare(transform: QueryTransform, gallery, args, device: torch.device, labe
             ) -> dict[str, float]:
     """Time cosine, full and pruned top-k for one batch of maps; print and return the numbers."""
     k, chunk = args.k, args.chunk_rows
-    repeats = max(3, args.repeats) if transform.batch_size == 1 else args.repeats
+    repeats = args.repeats
     warm = gallery[:min(chunk, gallery.shape[0])]
     scoring.cosine_topk(transform.query, warm, k, chunk, device)
     scoring.topk(transform, warm, k, chunk, device, method="full")
