@@ -146,7 +146,8 @@ def child(args: argparse.Namespace) -> None:
         return out
 
     method.search = timed_search
-    result = evaluate_search(method, task, "ilias", k=args.k, query_batch=args.query_batch)
+    result = evaluate_search(method, task, "ilias", k=args.k, query_batch=args.query_batch,
+                             chunk_rows=args.chunk_rows)
     done = time.perf_counter()
     print(json.dumps({
         "rows": len(gallery), "ids": type(gallery.ids).__name__,
@@ -164,6 +165,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--queries", type=int, default=16, help="queries")
     p.add_argument("--query-batch", type=int, default=8, help="queries per gallery pass")
     p.add_argument("--k", type=int, default=100, help="mAP@k")
+    p.add_argument("--chunk-rows", type=int, default=65536, help="gallery rows per chunk")
+    p.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS),
+                   help="ids as arrays (after) and/or as lists (before)")
     p.add_argument("--method", choices=["quari", "identity"], default="quari")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--dir", default=None, help="folder for the sets (kept); default: temporary")
@@ -189,7 +193,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"building {args.rows:,} x {args.dim} rows in {root}", flush=True)
             build(root, args.rows, args.dim, args.shard_rows, args.queries)
         for shards in (1, None):
-            for scenario in SCENARIOS:
+            for scenario in args.scenarios:
                 name = f"view-{shards or 'all'}-{scenario}"
                 if (root / name).exists():
                     shutil.rmtree(root / name)
@@ -199,6 +203,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      "--gallery", str(gallery), "--queries-set", str(root / "queries"),
                      "--positives", str(root / "positives.json"), "--k", str(args.k),
                      "--query-batch", str(args.query_batch), "--method", args.method,
+                     "--chunk-rows", str(args.chunk_rows),
                      "--threads", str(args.threads)],
                     capture_output=True, text=True, check=True, env={**os.environ})
                 r = json.loads(out.stdout.strip().splitlines()[-1])
