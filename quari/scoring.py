@@ -20,6 +20,9 @@ that m(d) = a d_perp + (d A) Q^T with A = a Q + s L T^T and d_perp = d - d Q Q^T
 and every per-row quantity comes out of the matrix products d [A | Q] and d w followed by two
 squared norms: still O(E r) per row and query, with no r x r product per row.
 
+For identity-anchored maps :func:`topk` prunes (exactly): see the section "Pruned exact search"
+below; ``method="full"`` scores every row as above.
+
 Everything here except the streaming searches is differentiable and used by training.
 """
 
