@@ -29,7 +29,7 @@ from pathlib import Path
 
 from quari.embedding_cache import SKIPPED, embed_images
 from quari.store import (FORMAT_VERSION, MANIFEST, atomic_write_json, atomic_write_text,
-                         load_embedding_set)
+                         load_embedding_set, shard_under)
 
 logger = logging.getLogger(__name__)
 
@@ -228,8 +228,7 @@ def assemble_parts(part_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
         rel = Path(os.path.relpath(part, work))
         for shard in manifest["shards"]:
             digests.append(_id_digests((part / shard["ids"]).read_text().splitlines()))
-            shards.append({**shard, "file": str(rel / shard["file"]),
-                           "ids": str(rel / shard["ids"])})
+            shards.append(shard_under(shard, str(rel)))  # every file of the shard
         for key in counts:
             counts[key] += part_meta.get(key, 0)
         skipped += (part / SKIPPED).read_text().splitlines()[1:]
