@@ -9,3 +9,5 @@ class Identity(StaticProjectionMethod):
     name = "identity"
     label = "backbone"
     trainable = False
+    #: nothing is learned, so no training collection is embedded for it
+    uses_training_data = False

@@ -5,11 +5,12 @@ module names the backbones of the paper (the names are those of the backbone col
 `paper-numbers.csv`), records what is needed to reproduce each benchmark's feature protocol, and
 loads any of them through one small `Encoder` interface.
 
-Two preprocessing protocols:
-- ILIAS (`ilias_transform`): resize the long side to the test resolution keeping the aspect
-  ratio (no crop), normalise with the model's mean/std, zero-pad to a multiple of the patch size;
-  images of a batch may differ in size, `pad_collate` pads a batch to a common size. Text queries
-  are the raw description, no prompt template.
+Two preprocessing protocols (each value and its official source: docs/protocol.md):
+- ILIAS (`ilias_transform`): PIL bicubic resize of the long side to the test resolution keeping
+  the aspect ratio (short side truncated), no crop, normalise with the model's mean/std, zero-pad
+  to a multiple of the patch size, padding centred; images of a batch may differ in size.
+  Text queries are the raw description, no prompt template, cleaned as open_clip's tokenizer
+  of the model cleans them (`clean_text`).
 - INQUIRE (`model_transform`): the model's own evaluation transform at its train resolution.
 
 Loading (`load_backbone`) goes through Hugging Face transformers (`AutoModel`) or open_clip
@@ -45,7 +46,7 @@ class BackboneInfo:
     "transformers" and an open_clip model name for "open_clip" (then `pretrained` is the open_clip
     pretrained tag). `open_clip_model`/`open_clip_pretrained` name the same weights in open_clip's
     registry (verified offline with `open_clip.list_pretrained()`), so `as_open_clip` can switch
-    loader without a second registry.
+    loader without a second registry. Every value's official source is in docs/protocol.md.
     """
 
     name: str                      # registry key, as spelt in paper-numbers.csv
@@ -55,72 +56,92 @@ class BackboneInfo:
     embed_dim: int                 # joint embedding dimension E
     patch_size: int                # ViT patch size; ILIAS pads inputs to a multiple of it
     train_resolution: int          # square input side the model was trained at
-    test_resolution: int           # long-side resolution of the ILIAS protocol
+    test_resolution: int           # long-side resolution of the ILIAS protocol (models.sh)
     mean: tuple[float, float, float]  # per-channel normalisation mean
     std: tuple[float, float, float]   # per-channel normalisation std
     eval_resize: str               # own eval transform: "shortest_crop" (CLIP) or "squash" (SigLIP)
     text_context_length: int       # tokens the text tower takes
     text_padding: str              # "max_length" (SigLIP was trained on fixed-length text) or "longest"
-    text_lowercase: bool           # lowercase text before tokenising (SigLIP2 was trained on lowercased text)
+    text_clean: str                # "none", or "canonicalize" (open_clip's SigLIP tokenizers:
+                                   # lower case, punctuation removed, whitespace collapsed)
     open_clip_model: str | None = None       # same weights in open_clip's registry
     open_clip_pretrained: str | None = None  # open_clip pretrained tag of those weights
+    timm_model: str | None = None  # the timm tag ILIAS extracts image features with (models.sh)
+    inquire_precomputed: str | None = None   # INQUIRE's name of its published iNat24
+                                             # embeddings of these exact weights, if any
     notes: str = ""                # provenance and what could not be verified offline
 
 
-def _clip(name: str, hub_id: str, oc_model: str, oc_tag: str, dim: int, patch: int,
-          train_res: int, test_res: int, notes: str) -> BackboneInfo:
-    """An OpenAI-normalised CLIP entry loaded through transformers."""
+TEXT_CLEANING = ("none", "canonicalize")
+
+
+def _clip(name: str, hub_id: str, oc_model: str, oc_tag: str, timm_model: str, dim: int,
+          patch: int, train_res: int, test_res: int, notes: str, mean=OPENAI_MEAN,
+          std=OPENAI_STD, inquire: str | None = None) -> BackboneInfo:
+    """A CLIP entry loaded through transformers."""
     return BackboneInfo(
         name=name, library="transformers", model=hub_id, pretrained=None, embed_dim=dim,
         patch_size=patch, train_resolution=train_res, test_resolution=test_res,
-        mean=OPENAI_MEAN, std=OPENAI_STD, eval_resize="shortest_crop", text_context_length=77,
-        text_padding="longest", text_lowercase=False, open_clip_model=oc_model,
-        open_clip_pretrained=oc_tag, notes=notes)
+        mean=mean, std=std, eval_resize="shortest_crop", text_context_length=77,
+        text_padding="longest", text_clean="none", open_clip_model=oc_model,
+        open_clip_pretrained=oc_tag, timm_model=timm_model, inquire_precomputed=inquire,
+        notes=notes)
 
 
-def _siglip(name: str, hub_id: str, oc_model: str, dim: int, patch: int, train_res: int,
-            test_res: int, lowercase: bool, notes: str) -> BackboneInfo:
+def _siglip(name: str, hub_id: str, oc_model: str, timm_model: str, dim: int, patch: int,
+            train_res: int, test_res: int, notes: str, inquire: str | None = None
+            ) -> BackboneInfo:
     """A SigLIP/SigLIP2 entry (WebLI weights) loaded through transformers."""
     return BackboneInfo(
         name=name, library="transformers", model=hub_id, pretrained=None, embed_dim=dim,
         patch_size=patch, train_resolution=train_res, test_resolution=test_res,
         mean=SIGLIP_MEAN, std=SIGLIP_STD, eval_resize="squash", text_context_length=64,
-        text_padding="max_length", text_lowercase=lowercase, open_clip_model=oc_model,
-        open_clip_pretrained="webli", notes=notes)
+        text_padding="max_length", text_clean="canonicalize", open_clip_model=oc_model,
+        open_clip_pretrained="webli", timm_model=timm_model, inquire_precomputed=inquire,
+        notes=notes)
 
 
 # Hub ids cannot be checked offline (the hub is unreachable here); they follow the public model
 # cards and the ids the released QuARI code loads (openai/clip-*, google/siglip2-*). The
-# open_clip names and tags are checked against open_clip.list_pretrained() in the tests.
-# Test resolutions follow the ILIAS rule (BENCHMARKS.md): 384 for CLIP trained at 224, 512 for
-# SigLIP/SigLIP2 trained at 384, 724 for SigLIP trained at 512.
+# open_clip names and tags, the timm tags and every mean/std, resolution and context length are
+# checked against open_clip's and timm's own pretrained configurations in the tests.
+# Test resolutions are those of ILIAS's feature_extraction/scripts/models.sh for the same timm
+# tag; SO400M is not in ILIAS (INQUIRE only) and gets the ILIAS rule for 384-trained models.
 # transformers is the default loader because its ViTs take any patch-multiple input size
 # (interpolate_pos_encoding), which the ILIAS protocol needs; open_clip's own ViT does not.
 _ENTRIES = (
     _clip("clip-vit-b16@224", "openai/clip-vit-base-patch16", "ViT-B-16", "openai",
-          512, 16, 224, 384, "OpenAI CLIP ViT-B/16; QuARI release clip-vit-base-patch16."),
+          "vit_base_patch16_clip_224.openai", 512, 16, 224, 384,
+          "OpenAI CLIP ViT-B/16; QuARI release clip-vit-base-patch16.", inquire="vit-b-16"),
+    _clip("clip-vit-l14@224", "openai/clip-vit-large-patch14", "ViT-L-14", "openai",
+          "vit_large_patch14_clip_224.openai", 768, 14, 224, 384,
+          "OpenAI CLIP ViT-L/14 at 224: the weights of the QuARI CLIP-L release and of "
+          "INQUIRE's vit-l-14 embeddings; not a row of the paper's tables.", inquire="vit-l-14"),
     _clip("clip-vit-l14@336", "openai/clip-vit-large-patch14-336", "ViT-L-14-336", "openai",
-          768, 14, 336, 384,
-          "OpenAI CLIP ViT-L/14 at 336. ILIAS test resolution for CLIP trained at 336 is not "
-          "stated in BENCHMARKS.md; 384 (the CLIP value) is assumed, unverified."),
+          "vit_large_patch14_clip_336.openai", 768, 14, 336, 512,
+          "OpenAI CLIP ViT-L/14 at 336; ILIAS tests it at 512."),
     _clip("openclip-vit-l14@384", "laion/CLIP-ViT-L-14-laion2B-s32B-b82K", "ViT-L-14",
-          "laion2b_s32b_b82k", 768, 14, 224, 384,
+          "laion2b_s32b_b82k", "vit_large_patch14_clip_224.laion2b", 768, 14, 224, 384,
           "OpenCLIP ViT-L/14 LAION-2B, trained at 224, tested at 384 (ILIAS "
-          "vit_large_patch14_clip_224.laion2b). That the hub repo carries transformers weights "
-          "is not verifiable offline; as_open_clip() loads the open_clip copy instead."),
+          "vit_large_patch14_clip_224.laion2b); Inception mean/std 0.5. That the hub repo "
+          "carries transformers weights is not verifiable offline; as_open_clip() loads the "
+          "open_clip copy instead.", mean=SIGLIP_MEAN, std=SIGLIP_STD),
     _siglip("siglip-vit-b16@512", "google/siglip-base-patch16-512", "ViT-B-16-SigLIP-512",
-            768, 16, 512, 724, False, "SigLIP ViT-B/16 WebLI at 512."),
+            "vit_base_patch16_siglip_512.webli", 768, 16, 512, 724,
+            "SigLIP ViT-B/16 WebLI at 512."),
     _siglip("siglip-vit-l16@384", "google/siglip-large-patch16-384", "ViT-L-16-SigLIP-384",
-            1024, 16, 384, 512, False, "SigLIP ViT-L/16 WebLI at 384 (ILIAS "
-            "vit_large_patch16_siglip_384.webli)."),
-    _siglip("siglip-so400m14@384", "google/siglip-so400m-patch14-384", "ViT-SO400M-14-SigLIP-384",
-            1152, 14, 384, 512, False, "SigLIP SO400M/14 WebLI at 384."),
+            "vit_large_patch16_siglip_384.webli", 1024, 16, 384, 512,
+            "SigLIP ViT-L/16 WebLI at 384.", inquire="siglip-vit-l-16-384"),
+    _siglip("siglip-so400m14@384", "google/siglip-so400m-patch14-384",
+            "ViT-SO400M-14-SigLIP-384", "vit_so400m_patch14_siglip_384.webli", 1152, 14, 384,
+            512, "SigLIP SO400M/14 WebLI at 384 (INQUIRE only; not in ILIAS's models.sh).",
+            inquire="siglip-so400m-14-384"),
     _siglip("siglip2-vit-b16@512", "google/siglip2-base-patch16-512", "ViT-B-16-SigLIP2-512",
-            768, 16, 512, 724, True,
+            "vit_base_patch16_siglip_512.v2_webli", 768, 16, 512, 724,
             "SigLIP2 ViT-B/16 at 512; QuARI release google-siglip2-base-patch16-512. The "
             "fixed-resolution SigLIP2 hub checkpoints load as SiglipModel (unverified offline)."),
     _siglip("siglip2-vit-l16@512", "google/siglip2-large-patch16-512", "ViT-L-16-SigLIP2-512",
-            1024, 16, 512, 724, True,
+            "vit_large_patch16_siglip_512.v2_webli", 1024, 16, 512, 724,
             "SigLIP2 ViT-L/16 at 512; QuARI release google-siglip2-large-patch16-512."),
 )
 
@@ -152,38 +173,60 @@ def as_open_clip(info: BackboneInfo) -> BackboneInfo:
 
 # ----------------------------------------------------------------------------- preprocessing
 
-def _to_tensor(image) -> torch.Tensor:
-    """A PIL image (or a [3, H, W] float tensor in [0, 1]) as a float [3, H, W] tensor."""
+def _to_pil(image):
+    """A PIL RGB image from a PIL image or a [3, H, W] float tensor in [0, 1] (quantised to
+    8 bits, as a decoded JPEG is)."""
     if isinstance(image, torch.Tensor):
-        return image.float()
+        from torchvision.transforms.functional import to_pil_image
+        return to_pil_image(image.clamp(0.0, 1.0))
+    return image.convert("RGB")
+
+
+def _pil_to_tensor(image) -> torch.Tensor:
+    """torchvision's ToTensor: uint8 [H, W, 3] to float [3, H, W] in [0, 1]."""
     from torchvision.transforms.functional import pil_to_tensor
-    return pil_to_tensor(image.convert("RGB")).float() / 255.0
+    return pil_to_tensor(image).float() / 255.0
 
 
 def ilias_size(height: int, width: int, resolution: int) -> tuple[int, int]:
-    """(h, w) after resizing the long side to `resolution` with the aspect ratio kept."""
-    scale = resolution / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    """(h, w) after ILIAS's LargeSideResize to `resolution`: the long side becomes `resolution`,
+    the other side is the aspect ratio times it, truncated (``int``), at least 1; computed in
+    the same floating-point order as the official code so that the truncation agrees."""
+    ar = float(height) / float(width)
+    h = int(resolution * ar) if ar <= 1 else resolution
+    w = int(resolution / ar) if ar > 1 else resolution
+    return max(1, h), max(1, w)
+
+
+def center_pad(size: int, multiple: int) -> tuple[int, int]:
+    """(before, after) zero padding that brings `size` to the next multiple of `multiple`, split
+    as ILIAS's MultiplierPadding does: the smaller half before, the rest after."""
+    pad = -size % multiple
+    return pad // 2, pad - pad // 2
 
 
 def ilias_transform(info: BackboneInfo, resolution: int | None = None) -> Callable:
-    """The ILIAS feature transform: long side to `resolution` (default: the model's ILIAS test
-    resolution), aspect ratio kept, no crop, normalised, zero-padded bottom/right to a multiple of
-    the patch size. Output sizes vary per image; batch them with `pad_collate`."""
+    """The ILIAS feature transform (feature_extraction, RESIZE_LARGE + the ViT extractor's
+    MultiplierPadding): long side to `resolution` (default: the model's ILIAS test resolution)
+    with PIL's bicubic resize of the 8-bit image, aspect ratio kept, no crop; ToTensor;
+    normalised with the model's mean/std; zero-padded to a multiple of the patch size, the
+    padding split between both sides (centred). Output sizes vary per image; batch them with
+    `pad_collate` or in groups of equal size."""
+    from PIL import Image
     resolution = resolution or info.test_resolution
     mean = torch.tensor(info.mean).view(3, 1, 1)
     std = torch.tensor(info.std).view(3, 1, 1)
     patch = info.patch_size
 
     def transform(image) -> torch.Tensor:
-        x = _to_tensor(image)
-        h, w = ilias_size(x.shape[-2], x.shape[-1], resolution)
-        x = F.interpolate(x[None], size=(h, w), mode="bicubic", align_corners=False,
-                          antialias=True)[0].clamp(0.0, 1.0)
+        image = _to_pil(image)
+        h, w = ilias_size(image.height, image.width, resolution)
+        x = _pil_to_tensor(image.resize((w, h), Image.Resampling.BICUBIC))
         x = (x - mean) / std
         # pad after normalising so padded pixels are exactly zero, as ILIAS does
-        pad_h, pad_w = -h % patch, -w % patch
-        return F.pad(x, (0, pad_w, 0, pad_h))
+        top, bottom = center_pad(h, patch)
+        left, right = center_pad(w, patch)
+        return F.pad(x, (left, right, top, bottom))
 
     return transform
 
@@ -199,30 +242,53 @@ def pad_collate(images: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([F.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2])) for x in images])
 
 
+def center_crop_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the centred ``size`` square, the offsets floored as the
+    Hugging Face image processors' ``center_crop`` computes them (``(h - size) // 2``), which
+    INQUIRE's ``hf_clip`` models and the QuARI authors' CLIP features use."""
+    top, left = (height - size) // 2, (width - size) // 2
+    return left, top, left + size, top + size
+
+
 def model_transform(info: BackboneInfo) -> Callable:
-    """The model's own evaluation transform at its train resolution (INQUIRE protocol): CLIP
-    resizes the short side and centre-crops; SigLIP squashes to a square. Bicubic, as both
-    open_clip and the Hugging Face image processors do for these models."""
+    """The model's own evaluation transform at its train resolution (INQUIRE protocol), on the
+    8-bit PIL image as open_clip and the Hugging Face image processors apply it: CLIP resizes
+    the short side (bicubic, long side truncated) and centre-crops (:func:`center_crop_box`);
+    SigLIP squashes to a square (bicubic); then ToTensor and the model's mean/std."""
     from torchvision import transforms as T
     size = info.train_resolution
     if info.eval_resize == "shortest_crop":
-        resize = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
+        resize = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+                  T.Lambda(lambda im: im.crop(center_crop_box(im.height, im.width, size)))]
     elif info.eval_resize == "squash":
         resize = [T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC)]
     else:
         raise ValueError(f"unknown eval_resize {info.eval_resize!r}")
-    return T.Compose([T.Lambda(_to_tensor), *resize, T.Lambda(lambda x: x.clamp(0.0, 1.0)),
+    return T.Compose([T.Lambda(_to_pil), *resize, T.Lambda(_pil_to_tensor),
                       T.Normalize(info.mean, info.std)])
+
+
+def clean_text(text: str, how: str) -> str:
+    """A text query as the benchmark's tokenizer sees it: unchanged ("none"), or open_clip's
+    SigLIP cleaning ("canonicalize": ftfy/HTML fix-up, punctuation removed, lower case,
+    whitespace collapsed), through open_clip's own functions."""
+    if how == "none":
+        return text
+    if how == "canonicalize":
+        from open_clip.tokenizer import basic_clean, canonicalize_text
+        return canonicalize_text(basic_clean(text))
+    raise ValueError(f"unknown text cleaning {how!r}; known: {', '.join(TEXT_CLEANING)}")
 
 
 # ----------------------------------------------------------------------------- encoders
 
 def _autocast(device: torch.device):
-    """Mixed precision on CUDA (bf16 where supported, else fp16); full precision on CPU."""
+    """fp16 mixed precision on CUDA, as both benchmarks extract features (ILIAS extract.py:
+    ``torch.amp.autocast("cuda")``, INQUIRE eval_rerank_with_clip.py: ``torch.autocast``; both
+    fp16 by default); full precision on CPU."""
     if device.type != "cuda":
         return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cuda", dtype=torch.float16)
 
 
 class Encoder:
@@ -245,7 +311,7 @@ class Encoder:
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Raw query strings (no prompt template) to unit-norm [B, E] float32 embeddings."""
-        texts = [t.lower() for t in texts] if self.info.text_lowercase else list(texts)
+        texts = [clean_text(t, self.info.text_clean) for t in texts]
         with torch.inference_mode(), _autocast(self.device):
             features = self._text_features(texts)
         return F.normalize(features.float(), dim=-1)
@@ -263,6 +329,23 @@ def _pooled(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
+def _timm_position_resampler(embeddings, num_prefix_tokens: int):
+    """A replacement for a transformers ViT embeddings module's ``interpolate_pos_encoding`` that
+    resamples the position table with timm's ``resample_abs_pos_embed`` (bicubic, antialiased),
+    the function ILIAS's timm models (``dynamic_img_size=True``) call for every input size; the
+    transformers one does not antialias, which matters where the patch grid shrinks."""
+    from timm.layers import resample_abs_pos_embed
+
+    def interpolate_pos_encoding(patches, height: int, width: int):
+        table = embeddings.position_embedding.weight.unsqueeze(0)
+        side = round((table.shape[1] - num_prefix_tokens) ** 0.5)
+        new_size = (height // embeddings.patch_size, width // embeddings.patch_size)
+        return resample_abs_pos_embed(table, new_size=new_size, old_size=(side, side),
+                                      num_prefix_tokens=num_prefix_tokens)
+
+    return interpolate_pos_encoding
+
+
 class _TransformersEncoder(Encoder):
     """CLIP / SigLIP / SigLIP2 through transformers' AutoModel and AutoTokenizer."""
 
@@ -278,6 +361,14 @@ class _TransformersEncoder(Encoder):
         dim = getattr(config, "projection_dim", None) or config.vision_config.hidden_size
         if dim != info.embed_dim:
             raise ValueError(f"{info.name}: model embeds at {dim}, registry says {info.embed_dim}")
+        # ILIAS resamples position embeddings with timm for every input size (section 2 of
+        # docs/protocol.md): CLIP has a class-token position in front of the grid, SigLIP none
+        vision = [m for m in self.model.modules()
+                  if hasattr(m, "patch_embedding") and hasattr(m, "interpolate_pos_encoding")]
+        if len(vision) != 1:
+            raise ValueError(f"{info.name}: expected one vision embedding module, found {len(vision)}")
+        prefix = 1 if hasattr(vision[0], "class_embedding") else 0
+        vision[0].interpolate_pos_encoding = _timm_position_resampler(vision[0], prefix)
 
     def _image_features(self, images: torch.Tensor) -> torch.Tensor:
         # interpolate_pos_encoding lets the ViT take the ILIAS dynamic (patch-multiple) sizes
@@ -344,6 +435,6 @@ def load_backbone(name_or_info: str | BackboneInfo, path: str | Path | None = No
 
 
 __all__ = [
-    "BACKBONES", "BackboneInfo", "Encoder", "as_open_clip", "get_backbone", "ilias_size",
-    "ilias_transform", "list_backbones", "load_backbone", "model_transform", "pad_collate",
+    "BACKBONES", "BackboneInfo", "Encoder", "TEXT_CLEANING", "as_open_clip", "center_pad",
+    "center_crop_box", "clean_text", "get_backbone", "ilias_size", "ilias_transform", "list_backbones", "load_backbone", "model_transform", "pad_collate",
 ]

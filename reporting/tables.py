@@ -113,6 +113,7 @@ DISPLAY_NAME = {
     "quari_no_iterative_refinement": "QuARI, no iterative refinement",
     "quari_no_semipositives": "QuARI, no semi-positives", "quari_no_noise": "QuARI, no noise",
     "oracle": "oracle (synthetic only)",
+    "quari_released": "QuARI (authors' released checkpoint)",
     # Table 3b's vision-language re-rankers (numbers reported by the INQUIRE benchmark)
     "blip2_flant5xxl": "BLIP-2 FlanT5-XXL", "instructblip_t5xxl": "InstructBLIP T5-XXL",
     "paligemma_3b_mix_448": "PaliGemma 3B", "llava_1.5_13b": "LLaVA-1.5 13B",

@@ -24,9 +24,9 @@ def setup(tmp_path_factory):
 
 def _parts(root):
     """(name, items, source files) of a gallery's parts: core positives, one per YFCC shard."""
-    core = [root / "ilias/hf/ilias-core-db-000000.tar"]
+    core = root / "ilias/server/ilias_core"
     tars = sorted((root / "ilias/server/yfcc100m").glob("*.tar"))
-    return ([("core", ilias.positive_items(core), core)]
+    return ([("core", ilias.positive_items(core), [core])]
             + [(t.stem, ilias.distractor_items(t), [t]) for t in tars])
 
 
@@ -170,3 +170,32 @@ def test_training_collection_drops_captions_of_unreadable_images(setup, tmp_path
         image_row = next(r for c, _, r in pairs.captions if c == cid)
         assert collection.images.ids[row] == pairs.images[image_row][0]
     assert sorted(collection.image_labels) == [0, 1, 2]
+
+
+def test_uned_is_embedded_whole_with_the_ilias_protocol(setup, tmp_path):
+    # ILIAS linear_adaptation: UnED embedded with extract.py's own transform at the test
+    # resolution, trained on all of it (lin_adapt.py: "no validation split")
+    root, _, info, encoder = setup
+    sizes = make_collections(tmp_path)
+    files = {"format": "uned", "paths": str(tmp_path / "uned/uned_paths_1M.txt"),
+             "image_root": str(tmp_path / "uned/images")}
+    coco_files = {"format": "coco", "captions": str(tmp_path / "coco/annotations/captions_train2017.json"),
+                  "images": str(tmp_path / "coco/train2017")}
+    cfgs = {"uned": {"format": "uned"}, "coco": {"format": "coco"}}
+    train, valid, protocol = collections.training_split(["uned"], [files], cfgs, 0.5)
+    assert protocol == "ilias" and len(train.images) == sizes["uned"] and not valid.images
+    train, valid, protocol = collections.training_split(["coco"], [coco_files], cfgs, 0.5)
+    assert protocol == "model" and valid.images  # other collections keep the hold-out
+    with pytest.raises(ValueError, match="mixes image protocols"):
+        collections.training_split(["uned", "coco"], [files, coco_files], cfgs, 0.5)
+    # the configuration may override the format's default
+    cfgs["uned"] = {"format": "uned", "valid_fraction": 0.5, "protocol": "model"}
+    train, valid, protocol = collections.training_split(["uned"], [files], cfgs, 0.0)
+    assert protocol == "model" and valid.images
+    # an empty validation collection is a valid (empty) training collection
+    train, valid, _ = collections.training_split(["uned"], [files], {"uned": {"format": "uned"}}, 0.5)
+    out = embedding_jobs.embed_training_collection(encoder, valid, tmp_path / "valid",
+                                          ilias_transform(info), "uned-valid", num_workers=0,
+                                          progress=False)
+    empty = load_training_collection(out)
+    assert len(empty.images) == 0 and len(empty.captions) == 0

@@ -54,24 +54,28 @@ def _sample(key: str, seed: int, url: bool = True) -> dict[str, bytes]:
 
 def make_ilias(root: Path, distractors_per_shard: int = 6, mini_shards: int = 2,
                yfcc_shards: int = 2) -> dict:
-    """ILIAS in its official layouts under ``root`` (= data_root/ilias); returns expected ids."""
-    queries, positives, texts, members_q, members_p = [], [], [], {}, {}
+    """ILIAS in its official layouts under ``root`` (= data_root/ilias): the extracted
+    ``server/ilias_core/`` (images, bbox and text files), mini-ILIAS shards, YFCC100M shards and
+    id lists; returns the expected ids."""
+    queries, positives, texts = [], [], []
+    core = root / "server" / "ilias_core"
     seed = 0
     for n, inst in enumerate(INSTANCES):
+        (core / inst / "query").mkdir(parents=True, exist_ok=True)
+        (core / inst / "pos").mkdir(parents=True, exist_ok=True)
         for q in range(1 + n % 2):
-            key = f"{inst}/query/Q{n:03d}_{q:02d}"
-            members_q.update(_sample(key, seed := seed + 1))
-            queries.append(f"{key}.jpg")
+            name = f"{inst}/query/Q{n:03d}_{q:02d}"
+            (core / f"{name}.jpg").write_bytes(jpeg_bytes(seed := seed + 1))
+            (core / f"{name}_bbox.txt").write_text("1 2 10 8\n")
+            queries.append(f"{name}.jpg")
         for p in range(2 + n):
-            key = f"{inst}/pos/P{n:03d}_{p:02d}"
-            members_p.update(_sample(key, seed := seed + 1, url=p % 2 == 0))
-            positives.append(f"{key}.jpg")
-        text = root / "server" / "ilias_core" / inst / "query" / f"T{n:03d}.txt"
-        text.parent.mkdir(parents=True, exist_ok=True)
+            name = f"{inst}/pos/P{n:03d}_{p:02d}"
+            (core / f"{name}.jpg").write_bytes(jpeg_bytes(seed := seed + 1))
+            (core / f"{name}_bbox.txt").write_text("1 2 10 8\n")
+            positives.append(f"{name}.jpg")
+        text = core / inst / "query" / f"T{n:03d}.txt"
         text.write_text(f"a {WORDS[n + 1]} {WORDS[n + 2]} on the branch\n")
         texts.append(f"{inst}/query/T{n:03d}.txt")
-    write_tar(root / "hf" / "ilias-core-queries-img-000000.tar", members_q)
-    write_tar(root / "hf" / "ilias-core-db-000000.tar", members_p)
     mini, yfcc = [], []
     for s in range(mini_shards):
         name = f"mini_ilias_yfcc100m-{s:06d}.tar"
@@ -126,7 +130,7 @@ def make_inquire(root: Path, images_per_class: int = 4, dim: int = 24) -> dict:
     rows.append((9, 99, val_truth["9"][0]))  # an image annotated twice counts once
     pd.DataFrame(rows, columns=["query_id", "image_id", "image_path"]).to_csv(
         root / "inquire_annotations.csv", index=False)
-    emb = root / "embeddings" / "tiny"
+    emb = root / "embeddings" / "vit-b-16"  # named as INQUIRE names its OpenAI ViT-B/16 folder
     rng = np.random.default_rng(0)
     (emb / "img_emb").mkdir(parents=True)
     (emb / "metadata").mkdir()
@@ -235,10 +239,10 @@ def test_truncated_shard_is_refused(tmp_path):
 
 def test_ilias_items_use_official_ids_and_ground_truth_is_by_instance(tmp_path):
     expected = make_ilias(tmp_path / "ilias")
-    hf = tmp_path / "ilias" / "hf"
-    queries = ilias.image_query_items([hf / "ilias-core-queries-img-000000.tar"])
-    positives = ilias.positive_items([hf / "ilias-core-db-000000.tar"])
-    texts = ilias.text_query_items(tmp_path / "ilias" / "server" / "ilias_core")
+    core = tmp_path / "ilias" / "server" / "ilias_core"
+    queries = ilias.image_query_items(core)
+    positives = ilias.positive_items(core)
+    texts = ilias.text_query_items(core)
     assert [i for i, _ in queries] == sorted(expected["queries"])
     assert [i for i, _ in positives] == sorted(expected["positives"])
     assert [i for i, _ in texts] == expected["texts"]
@@ -415,3 +419,101 @@ def test_training_collections_readers(tmp_path):
             assert part.images[row][0] == merged.images[original][0]
     again = collections.split_valid(merged, 0.3)[1]
     assert [i for i, _ in again.images] == [i for i, _ in valid.images]
+
+
+def _exif_rotated_jpeg(orientation: int) -> bytes:
+    """A 40 x 20 JPEG, red with a blue 10 x 10 block at its top-left corner, whose EXIF says
+    the camera was rotated (orientation 6: display it turned 90 degrees clockwise)."""
+    from PIL import Image
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif.tobytes(), quality=95)
+    return buffer.getvalue()
+
+
+def test_core_images_come_from_ilias_core_tar_with_exif_orientation(tmp_path):
+    from PIL import Image, ImageOps
+    data = _exif_rotated_jpeg(6)
+    members = {"ilias_core/inst_a/query/Q000_00.jpg": data,
+               "ilias_core/inst_a/query/Q000_00_bbox.txt": b"1 2 3 4\n",
+               "ilias_core/inst_a/query/T000.txt": b"a red box\n",
+               "ilias_core/inst_a/pos/P000_00.jpg": jpeg_bytes(3),
+               "ilias_core/inst_a/pos/P000_00_bbox.txt": b"1 2 3 4\n"}
+    tar = write_tar(tmp_path / "ilias_core.tar", members)
+    queries = ilias.image_query_items(tar)
+    positives = ilias.positive_items(tar)
+    assert [i for i, _ in queries] == ["inst_a/query/Q000_00.jpg"]
+    assert [i for i, _ in positives] == ["inst_a/pos/P000_00.jpg"]
+    assert ilias.text_query_items(tar) == [("inst_a/query/T000.txt", "a red box")]
+    image = queries[0][1]()
+    # independent reference: Pillow's own transposition of the file, and the geometry by hand
+    # (orientation 6 turns the 40 x 20 image to 20 x 40; the top-left block goes top-right)
+    reference = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    assert image.size == (20, 40) == reference.size
+    assert image.tobytes() == reference.tobytes()
+    r, g, b = image.getpixel((17, 3))
+    assert b > 200 and r < 60
+    r, g, b = image.getpixel((3, 3))
+    assert r > 200 and b < 60
+
+
+def test_distractors_are_decoded_without_exif_orientation(tmp_path):
+    from quari.embedding_cache import open_image
+    data = _exif_rotated_jpeg(6)
+    shard = write_tar(tmp_path / "yfcc100m_000000.tar", {"123.jpg": data})
+    (_, ref), = ilias.distractor_items(shard)
+    assert open_image(ref).size == (40, 20)  # webdataset's "pilrgb": no transposition
+
+
+def test_core_without_images_is_an_error(tmp_path):
+    (tmp_path / "ilias_core" / "inst" / "query").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no core query images"):
+        ilias.image_query_items(tmp_path / "ilias_core")
+
+
+def test_precomputed_inquire_embeddings_must_be_of_the_backbones_own_weights(tmp_path):
+    import dataclasses
+
+    from quari.backbones import get_backbone
+    made = make_inquire(tmp_path / "inquire")  # 24-d vectors in INQUIRE's "vit-b-16" folder
+    clip_b = dataclasses.replace(get_backbone("clip-vit-b16@224"), embed_dim=24)
+    assert inquire.check_precomputed(clip_b, made["precomputed"]) == "vit-b-16"
+    # INQUIRE's data/README.md and src/utils.py: vit-l-14 is openai/clip-vit-large-patch14 at
+    # 224 px. The 336 px model has the same width (768) but other weights: refused.
+    l336 = get_backbone("clip-vit-l14@336")
+    assert l336.embed_dim == get_backbone("clip-vit-l14@224").embed_dim == 768
+    with pytest.raises(ValueError, match="publishes no precomputed iNat24 embeddings of backbone "
+                                         "clip-vit-l14@336"):
+        inquire.check_precomputed(l336, tmp_path / "vit-l-14")
+    assert inquire.check_precomputed(get_backbone("clip-vit-l14@224")) == "vit-l-14"
+    with pytest.raises(ValueError, match="publishes no precomputed"):
+        inquire.check_precomputed(get_backbone("siglip2-vit-b16@512"))
+    # a folder of another model (INQUIRE names each folder after its model) is refused
+    with pytest.raises(ValueError, match="named 'vit-b-16'"):
+        inquire.check_precomputed(dataclasses.replace(get_backbone("clip-vit-l14@224"),
+                                                      embed_dim=24), made["precomputed"])
+    with pytest.raises(ValueError, match="24-d embeddings"):
+        inquire.check_precomputed(get_backbone("clip-vit-b16@224"), made["precomputed"])
+    assert inquire.check_precomputed(get_backbone("siglip-so400m14@384")) == "siglip-so400m-14-384"
+
+
+def test_rerank_candidates_are_decoded_as_the_datasets_library_decodes_them(tmp_path):
+    # INQUIRE's eval_rerank_with_clip.py reads INQUIRE-Rerank with `datasets` (2.19.2), whose
+    # Image feature applies the EXIF orientation: the reference is that library's own decoder
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets.features import Image as DatasetsImage
+    from quari.embedding_cache import open_image
+    data = _exif_rotated_jpeg(6)
+    table = pa.table({"image": [{"bytes": data, "path": None}], "query": ["a red box"],
+                      "relevant": [1], "inat24_image_id": [42]})
+    pq.write_table(table, tmp_path / "test-00000-of-00001.parquet")
+    (image_id, source), = inquire.rerank_gallery_items([tmp_path / "test-00000-of-00001.parquet"],
+                                                       tmp_path / "img")
+    reference = DatasetsImage().decode_example({"bytes": data, "path": None}).convert("RGB")
+    image = open_image(source)
+    assert image_id == "42" and image.size == reference.size == (20, 40)
+    assert image.tobytes() == reference.tobytes()

@@ -101,8 +101,9 @@ def brute_force(model_dir, path, n, saliency, registers=0, detector=None):
     model = AutoModel.from_pretrained(model_dir, attn_implementation="eager").eval()
     image = Image.open(path).convert("RGB")
     w0, h0 = image.size
-    scale = RESOLUTION / max(w0, h0)
-    h, w = max(1, round(h0 * scale)), max(1, round(w0 * scale))
+    ratio = h0 / w0  # ILIAS's LargeSideResize: the short side truncated
+    h = RESOLUTION if ratio > 1 else max(1, int(RESOLUTION * ratio))
+    w = RESOLUTION if ratio <= 1 else max(1, int(RESOLUTION / ratio))
     x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()[None] / 255
     x = torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic",
                                         antialias=True).clamp(0, 1)[0]

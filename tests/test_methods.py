@@ -44,6 +44,9 @@ def fit_context(name, tmp_path, rng, query_ids, train):
         return {"local_descriptors": str(tmp_path / "db_local.npz"),
                 "query_local_descriptors": str(tmp_path / "q_local.npz"),
                 "gallery_ids": train.images.ids}
+    if name == "quari_released":  # the registry entry its checkpoint is checked against
+        from .test_quari_released import tiny_backbone
+        return {"backbone": tiny_backbone(dim=DIM)}
     if name == "vlm_reranker":
         from PIL import Image
         images = {}
@@ -60,6 +63,10 @@ def constructor_params(name, tmp_path):
     if name == "vlm_reranker":
         from .test_vlm_reranker import build_tiny_llava
         return {"model": "llava_1.5_13b", "path": build_tiny_llava(tmp_path / "tiny_llava")}
+    if name == "quari_released":  # a tiny random checkpoint in the authors' layout
+        from .test_quari_released import save_tiny_release, tiny_backbone
+        _, directory = save_tiny_release(tmp_path / "release", dim=DIM)
+        return {"checkpoint": {tiny_backbone(dim=DIM).name: str(directory)}}
     if name == "ames":  # a tiny random network in the official checkpoint layout (8-dim descriptors)
         from .test_ames import save_tiny_ames_checkpoint
         return {"checkpoint": save_tiny_ames_checkpoint(tmp_path / "ames.pt")}

@@ -170,7 +170,8 @@ def test_paper_config_schedules_the_whole_matrix(tmp_path):
     assert set(inputs) == evaluations
     reads_labels = {e for e, i in inputs.items() if "results/data/inquire_rerank.json" in i}
     assert reads_labels == {e for e in evaluations if e.startswith("results/eval/inquire_rerank/")}
-    assert len(reads_labels) == 2 + len(table_3b_open_vlms())
+    # identity, quari and the released checkpoint, and the VLMs
+    assert len(reads_labels) == 3 + len(table_3b_open_vlms())
     # Figure 4 draws ILIAS from Table 3a's setting (SigLIP-L's top-1k, local re-rankers included)
     # and INQUIRE from Table 3b's (INQUIRE-Rerank on SigLIP2-L, the VLMs included)
     figure4 = scheduled_inputs(run.stdout + run.stderr, "figure_cost_accuracy")
@@ -393,7 +394,7 @@ def test_real_data_dag_end_to_end_on_generated_official_files(tmp_path):
 
 def test_missing_files_are_listed_when_downloads_are_off(tmp_path):
     models = tmp_path / "models"
-    cfg = tiny_real_config(tmp_path / "nothing-here", models, str(tmp_path / "none"))
+    cfg = tiny_real_config(tmp_path / "nothing-here", models, str(tmp_path / "vit-b-16"))
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(cfg))
     run = snakemake(tmp_path / "work", "results/data/inquire.json", "--configfile", str(config),
@@ -420,7 +421,7 @@ def test_default_offline_config_schedules_no_real_reranker_inputs(tmp_path):
     ("chamfer", {}, "ilias_mini"),
     ("llava_1.5_13b", {"type": "vlm_reranker", "model": "llava_1.5_13b"}, "ilias")])
 def test_a_reranker_on_a_benchmark_without_its_inputs_is_rejected(tmp_path, method, entry, benchmark):
-    cfg = tiny_real_config(tmp_path / "data", tmp_path / "models", str(tmp_path / "none"))
+    cfg = tiny_real_config(tmp_path / "data", tmp_path / "models", str(tmp_path / "vit-b-16"))
     cfg["methods"][method] = entry
     cfg["evaluations"].append({"benchmarks": [benchmark], "backbones": ["tiny-siglip"],
                                "methods": [method]})
@@ -437,7 +438,7 @@ def test_a_reranker_on_a_benchmark_without_its_inputs_is_rejected(tmp_path, meth
 def test_gallery_items_finds_shortlisted_positives_and_distractors(tmp_path):
     from quari.data import ilias
     expected = make_ilias(tmp_path / "ilias")
-    positive_tars = [tmp_path / "ilias/hf/ilias-core-db-000000.tar"]
+    positive_tars = tmp_path / "ilias/server/ilias_core"
     yfcc = sorted((tmp_path / "ilias/server/yfcc100m").glob("*.tar"))
     wanted = [expected["yfcc"][-1], expected["positives"][1], expected["yfcc"][0]]
     items = ilias.gallery_items(wanted, positive_tars, yfcc)

@@ -118,7 +118,10 @@ def table_pairs(table: str | os.PathLike, image_root: str | os.PathLike, image_c
 
 def uned_pairs(paths_file: str | os.PathLike, image_root: str | os.PathLike,
                max_images: int | None = None) -> PairList:
-    """UnED images with (class, domain) labels, in list order; no captions."""
+    """UnED images with (class, domain) labels, in list order; no captions. Images are decoded
+    with their EXIF orientation applied, as ILIAS's ImageDataset decodes them."""
+    from quari.data.ilias import ExifImage
+    from quari.data.tars import ImageRef
     pairs = PairList()
     with open(paths_file, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -131,7 +134,8 @@ def uned_pairs(paths_file: str | os.PathLike, image_root: str | os.PathLike,
                 raise ValueError(f"{paths_file}:{lineno}: expected '<path>,<class>,<domain>'")
             path, label, domain = parts
             where = f"{paths_file}:{lineno}: path"
-            pairs.images.append((f"uned/{path}", str(path_inside(image_root, path, where))))
+            pairs.images.append((f"uned/{path}",
+                                 ExifImage(ImageRef(str(path_inside(image_root, path, where))))))
             pairs.labels.append(f"uned/{domain}/{label}")
     return pairs
 
@@ -171,6 +175,39 @@ def split_valid(pairs: PairList, fraction: float) -> tuple[PairList, PairList]:
         side, local = new_row[row]
         parts[side].captions.append((cid, text, local))
     return parts
+
+
+# What a collection's format implies when its configuration does not say: ILIAS's linear
+# adaptation embeds its UnED subset with the benchmark's own transform at the test resolution
+# (linear_adaptation/README.md: extract.py --partition uned --resolution <test resolution>) and
+# trains on all of it (linear_adaptation/src/lin_adapt.py: "no validation split").
+FORMAT_DEFAULTS = {"uned": {"protocol": "ilias", "valid_fraction": 0.0}}
+
+
+def collection_setting(cfg: dict, key: str, default):
+    """A collection's ``protocol`` or ``valid_fraction``: its own, else its format's
+    (:data:`FORMAT_DEFAULTS`), else ``default``."""
+    if key in cfg:
+        return cfg[key]
+    return FORMAT_DEFAULTS.get(cfg.get("format"), {}).get(key, default)
+
+
+def training_split(names: Sequence[str], files: Sequence[dict], cfgs: dict,
+                   valid_fraction: float) -> tuple[PairList, PairList, str]:
+    """(train, valid, protocol) of a training set merging collections ``names`` (their located
+    ``files`` and their ``cfgs``): each collection holds out its own fraction
+    (:func:`collection_setting`, default ``valid_fraction``) before merging, and all must agree
+    on the image transform ``protocol`` ("model" or "ilias")."""
+    protocols = {n: collection_setting(cfgs[n], "protocol", "model") for n in names}
+    if len(set(protocols.values())) > 1:
+        raise ValueError(f"a training set mixes image protocols {protocols}; embed collections "
+                         "of different protocols as separate training sets")
+    train, valid = {}, {}
+    for name, located in zip(names, files):
+        pairs = read_collection(name, located, cfgs[name])
+        fraction = collection_setting(cfgs[name], "valid_fraction", valid_fraction)
+        train[name], valid[name] = split_valid(pairs, fraction)
+    return merge(train), merge(valid), protocols[names[0]]
 
 
 def read_collection(name: str, files: dict, cfg: dict) -> PairList:

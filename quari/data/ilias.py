@@ -1,15 +1,18 @@
 """ILIAS: image queries, positives, text queries, distractors and ground truth in official ids.
 
-Sources (BENCHMARKS.md):
+Sources (each step and its official source: docs/protocol.md):
 
-- Hugging Face ``vrg-prague/ilias`` webdataset shards; members ``jpg``, ``bbox.json`` and
-  ``download_url.txt``; keys such as ``bold_bimp_000/pos/P000_07`` (image queries are keys
-  ``<instance>/query/Qxxx_yy``). The official id of a core image is its path inside
-  ``ilias_core/``, i.e. the key plus ``.jpg`` (``bold_bimp_000/pos/P000_07.jpg``).
+- Core images (image queries ``<instance>/query/Qxxx_yy.jpg``, positives
+  ``<instance>/pos/Pxxx_zz.jpg``): the original images of the official server's
+  ``ilias_core.tar`` (or its extracted ``ilias_core/`` folder), decoded with the EXIF orientation
+  applied, as ILIAS's ``ImageDataset`` does. The official id of a core image is its path inside
+  ``ilias_core/`` (``bold_bimp_000/pos/P000_07.jpg``). The Hugging Face ``vrg-prague/ilias``
+  core shards are not used: their images look downscaled and are not proven identical.
 - Text queries: ``<instance>/query/Txxx.txt`` files (the official id is that path), read from an
   extracted ``ilias_core`` folder or from any tar holding those members.
 - Distractors: webdataset shards (the 45 mini-ILIAS shards, or the 1,000 YFCC100M shards of the
-  official server). Their official id is ``<shard file name>/<key>``, as ILIAS's feature
+  official server), decoded without EXIF transposition (webdataset's ``pilrgb``, as ILIAS's
+  ``get_wds_dataset``). Their official id is ``<shard file name>/<key>``, as ILIAS's feature
   extraction names them; a distractor is never a positive.
 - ``image_ids/`` lists of the official server (``image_query_ids.txt`` and ``positive_ids.txt``
   with the id in the first comma-separated column, ``text_query_ids.txt``): used to check that the
@@ -26,15 +29,16 @@ import os
 import re
 import tarfile
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from quari.data.tars import ImageRef, read_member_text, read_tar_samples
 
 logger = logging.getLogger(__name__)
 
-_QUERY_KEY = re.compile(r"^[^/]+/query/Q[^/]+$")
-_POSITIVE_KEY = re.compile(r"^[^/]+/pos/P[^/]+$")
+_CORE_IMAGE = re.compile(r"^(?:.*/)?([^/]+/(query|pos)/([^/]+)\.(?:jpg|jpeg|png))$", re.IGNORECASE)
 _TEXT_NAME = re.compile(r"^(?:.*/)?([^/]+/query/T[^/]+\.txt)$")
+_PART_PREFIX = {"query": "Q", "pos": "P"}
 
 
 def instance_of(official_id: str) -> str:
@@ -42,32 +46,78 @@ def instance_of(official_id: str) -> str:
     return official_id.split("/", 1)[0]
 
 
-def _core_items(tars: Iterable[str | os.PathLike], pattern: re.Pattern, what: str
-                ) -> list[tuple[str, ImageRef]]:
-    items = []
-    for tar in tars:
-        for key, fields in read_tar_samples(tar).items():
-            if not pattern.match(key):
-                continue
-            if "jpg" not in fields:
-                raise ValueError(f"{tar}: sample {key} has no jpg member")
-            items.append((f"{key}.jpg", fields["jpg"]))
+@dataclass(frozen=True)
+class ExifImage:
+    """An image of a folder ILIAS reads with its ImageDataset (core queries and positives, the
+    UnED subset; also INQUIRE-Rerank's candidates, which ``datasets`` transposes the same way),
+    decoded as ILIAS's feature extraction decodes it: ``Image.open(...).convert("RGB")`` then
+    ``ImageOps.exif_transpose`` (feature_extraction/src/datasets/generators.py, ImageDataset).
+    ``ref`` is the file or the tar member holding the JPEG; picklable into DataLoader workers."""
+
+    ref: ImageRef
+
+    def __call__(self):
+        import io
+
+        from PIL import Image, ImageOps
+        image = Image.open(io.BytesIO(self.ref())).convert("RGB")
+        return ImageOps.exif_transpose(image)
+
+
+def _core_members(core: str | os.PathLike) -> list[tuple[str, str, ImageRef]]:
+    """``(official id, part, ref)`` of every core image of an extracted ``ilias_core/`` folder or
+    of ``ilias_core.tar`` (members under any prefix); the id is the path inside ``ilias_core/``."""
+    core = Path(core)
+    found = []
+
+    def add(name: str, ref: ImageRef) -> None:
+        match = _CORE_IMAGE.match(name)
+        if match and match.group(3).upper().startswith(_PART_PREFIX[match.group(2).lower()]):
+            found.append((match.group(1), match.group(2).lower(), ref))
+
+    if core.is_dir():
+        for path in sorted(core.glob("*/*/*")):
+            if path.is_file():
+                add(path.relative_to(core).as_posix(), ImageRef(str(path)))
+    else:
+        try:
+            with tarfile.open(core, "r:") as tar:
+                for member in tar:
+                    if member.isfile():
+                        add(member.name, ImageRef(str(core), member.offset_data, member.size))
+        except (tarfile.TarError, EOFError) as err:
+            raise tarfile.ReadError(f"{core}: unreadable tar ({err})") from err
+    return found
+
+
+def core_image_items(core: str | os.PathLike, part: str) -> list[tuple[str, ExifImage]]:
+    """``(official id, image)`` of the image queries (``part="query"``, ``<instance>/query/Q...``)
+    or positives (``part="pos"``, ``<instance>/pos/P...``) of the original core images, sorted by
+    id as ILIAS sorts them; each image is EXIF-transposed when decoded (:class:`ExifImage`).
+
+    ``core`` is the official ``ilias_core.tar`` of the ILIAS server, or its extracted
+    ``ilias_core/`` folder. The Hugging Face shards are not used for core images: their images
+    look downscaled and are not proven identical to these (docs/protocol.md).
+    """
+    if part not in _PART_PREFIX:
+        raise ValueError(f"part must be 'query' or 'pos', got {part!r}")
+    items = [(i, ExifImage(ref)) for i, p, ref in _core_members(core) if p == part]
     if not items:
-        raise ValueError(f"no {what} found in {list(map(str, tars))}")
+        raise ValueError(f"{core}: no core {part} images (<instance>/{part}/*.jpg) found")
     ids = [i for i, _ in items]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"duplicate {what} keys across shards")
+        raise ValueError(f"{core}: duplicate core image paths")
     return sorted(items, key=lambda item: item[0])
 
 
-def image_query_items(tars: Iterable[str | os.PathLike]) -> list[tuple[str, ImageRef]]:
-    """``(official id, image)`` of every image query (keys ``<instance>/query/Q...``), sorted."""
-    return _core_items(list(tars), _QUERY_KEY, "image queries")
+def image_query_items(core: str | os.PathLike) -> list[tuple[str, ExifImage]]:
+    """``(official id, image)`` of every image query of ``ilias_core`` (folder or tar), sorted."""
+    return core_image_items(core, "query")
 
 
-def positive_items(tars: Iterable[str | os.PathLike]) -> list[tuple[str, ImageRef]]:
-    """``(official id, image)`` of every core positive (keys ``<instance>/pos/P...``), sorted."""
-    return _core_items(list(tars), _POSITIVE_KEY, "positives")
+def positive_items(core: str | os.PathLike) -> list[tuple[str, ExifImage]]:
+    """``(official id, image)`` of every core positive of ``ilias_core`` (folder or tar), sorted."""
+    return core_image_items(core, "pos")
 
 
 def distractor_items(tar: str | os.PathLike) -> list[tuple[str, ImageRef]]:
@@ -149,10 +199,11 @@ def check_against_official(ids: Sequence[str], official: Sequence[str], what: st
             f"missing e.g. {sorted(want - have)[:3]}, unexpected e.g. {sorted(have - want)[:3]}")
 
 
-def gallery_items(ids: Iterable[str], positive_tars: Iterable[str | os.PathLike],
+def gallery_items(ids: Iterable[str], core: str | os.PathLike,
                   distractor_tars: Iterable[str | os.PathLike]) -> list[tuple[str, ImageRef]]:
     """``(official id, image)`` of the given gallery ids, in the order given: core positives
-    (``<instance>/pos/P...jpg``) and distractors (``<shard name>/<key>``).
+    (``<instance>/pos/P...jpg``, from ``core``: ``ilias_core.tar`` or its folder) and
+    distractors (``<shard name>/<key>``).
 
     Only the distractor shards that hold a requested id are indexed, so a few hundred thousand
     shortlisted images of the 100M gallery are found without reading every shard. Raises
@@ -161,9 +212,9 @@ def gallery_items(ids: Iterable[str], positive_tars: Iterable[str | os.PathLike]
     ids = list(dict.fromkeys(ids))
     wanted = set(ids)
     shards = {Path(t).name: t for t in distractor_tars}
-    found: dict[str, ImageRef] = {}
-    if any(_POSITIVE_KEY.match(i.removesuffix(".jpg")) for i in wanted):
-        found.update((i, ref) for i, ref in positive_items(positive_tars) if i in wanted)
+    found: dict = {}
+    if any("/pos/" in i for i in wanted):
+        found.update((i, ref) for i, ref in positive_items(core) if i in wanted)
     needed_shards = sorted({i.split("/", 1)[0] for i in wanted if i.split("/", 1)[0] in shards})
     for name in needed_shards:
         found.update((i, ref) for i, ref in distractor_items(shards[name]) if i in wanted)

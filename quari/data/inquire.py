@@ -5,7 +5,8 @@
   ``query_id``, ``image_id``, ``image_path``. A pool image's id is its path inside the iNat24
   archive, ``train/<class folder>/<uuid>.jpg``, exactly the annotations' ``image_path``.
 - The iNat24 pool: image files under ``<root>/train/...`` (competition ``train.tar.gz``), or the
-  benchmark's precomputed embeddings in clip-retrieval layout, ``img_emb/img_emb_<n>.npy`` with
+  benchmark's precomputed embeddings (published for a few models only, :data:`PRECOMPUTED_MODELS`,
+  checked against the backbone by :func:`check_precomputed`) in clip-retrieval layout, ``img_emb/img_emb_<n>.npy`` with
   ``metadata/metadata_<n>.parquet`` whose ``image_path`` column holds the path without ``.jpg``;
   :func:`convert_clip_retrieval` turns those into an embedding set with the same ids.
 - INQUIRE-Rerank (Hugging Face ``evendrow/INQUIRE-Rerank``, parquet): one row per (query,
@@ -92,6 +93,52 @@ def _numbered(folder: Path, pattern: str) -> list[Path]:
         digits = re.findall(r"\d+", p.stem)
         return int(digits[-1]) if digits else -1
     return sorted(folder.glob(pattern), key=lambda p: (number(p), p.name))
+
+
+#: INQUIRE's published iNat24 embeddings: folder name (``data/inat24/embs/<name>/`` in its
+#: src/utils.py NaiveKNNIndex) -> the model that made them (src/utils.py
+#: TopKPredictionStore.models, lines 132-146; data/README.md lines 51-56 link four of them).
+PRECOMPUTED_MODELS = {
+    "vit-b-32": "hf_clip:openai/clip-vit-base-patch32",
+    "rn50": "open_clip:RN50/openai",
+    "rn50x16": "open_clip:RN50x16/openai",
+    "vit-b-16": "hf_clip:openai/clip-vit-base-patch16",
+    "vit-l-14": "hf_clip:openai/clip-vit-large-patch14",
+    "vit-b-16-dfn": "open_clip:ViT-B-16/dfn2b",
+    "vit-l-14-dfn": "open_clip:ViT-L-14-quickgelu/dfn2b",
+    "vit-h-14-378": "open_clip:ViT-H-14-378-quickgelu/dfn5b",
+    "siglip-vit-l-16-384": "open_clip:ViT-L-16-SigLIP-384/webli",
+    "siglip-so400m-14-384": "open_clip:ViT-SO400M-14-SigLIP-384/webli",
+}
+
+
+def check_precomputed(info, folder: str | os.PathLike | None = None) -> str:
+    """The INQUIRE folder name of backbone ``info``'s precomputed pool embeddings, after checking
+    that INQUIRE published embeddings of exactly these weights (the registry's
+    ``inquire_precomputed``) and, given ``folder``, that it is that folder (INQUIRE names each
+    folder after its model) and holds vectors of the backbone's width. Two models of the same
+    width are thus never mixed up. ValueError otherwise."""
+    expected = info.inquire_precomputed
+    if expected is None or expected not in PRECOMPUTED_MODELS:
+        published = ", ".join(f"{n} ({m})" for n, m in PRECOMPUTED_MODELS.items())
+        raise ValueError(f"INQUIRE publishes no precomputed iNat24 embeddings of backbone "
+                         f"{info.name} ({info.model}); it publishes: {published}. Embed the "
+                         "pool instead (real.inquire.pool: images)")
+    if folder is None:
+        return expected
+    folder = Path(folder)
+    if folder.name != expected:
+        raise ValueError(f"{folder}: INQUIRE's embeddings of {info.name} are its folder "
+                         f"{expected!r} ({PRECOMPUTED_MODELS[expected]}); this folder is named "
+                         f"{folder.name!r}, which would be "
+                         f"{PRECOMPUTED_MODELS.get(folder.name, 'no published model')}")
+    parts = _numbered(folder / "img_emb", "*.npy")
+    if parts:
+        width = np.load(parts[0], mmap_mode="r").shape[1]
+        if width != info.embed_dim:
+            raise ValueError(f"{parts[0]}: {width}-d embeddings, backbone {info.name} embeds at "
+                             f"{info.embed_dim}")
+    return expected
 
 
 def convert_clip_retrieval(folder: str | os.PathLike, out_dir: str | os.PathLike,
@@ -241,6 +288,19 @@ def extract_rerank_images(parquet_files: Sequence[str | os.PathLike], out_dir: s
                     atomic_write_bytes(target, data)
                 items[image_id] = str(target)
     return list(items.items())
+
+
+def rerank_gallery_items(parquet_files: Sequence[str | os.PathLike], out_dir: str | os.PathLike
+                         ) -> list:
+    """``(image id, image)`` of INQUIRE-Rerank's candidates for embedding: the files of
+    :func:`extract_rerank_images`, decoded with their EXIF orientation applied, as the Hugging
+    Face ``datasets`` Image feature decodes them for INQUIRE's own evaluation
+    (src/eval_rerank_with_clip.py loads the split with ``load_dataset``; requirements.txt pins
+    datasets 2.19.2, whose Image feature applies ``ImageOps.exif_transpose``)."""
+    from quari.data.ilias import ExifImage
+    from quari.data.tars import ImageRef
+    return [(i, ExifImage(ImageRef(path)))
+            for i, path in extract_rerank_images(parquet_files, out_dir)]
 
 
 def rerank_candidates(method, queries, gallery, candidates: dict[str, list[str]],

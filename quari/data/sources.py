@@ -9,7 +9,7 @@ anything missing is reported at once, with where it was expected.
 
 Layout under ``data_root``::
 
-    ilias/hf/                 Hugging Face vrg-prague/ilias files (core and mini-ILIAS shards)
+    ilias/hf/                 Hugging Face vrg-prague/ilias files (mini-ILIAS shards)
     ilias/server/             official server: checksums.txt, ilias_core.tar, image_ids/, yfcc100m/
     inquire/                  inquire_queries_{val,test}.csv, inquire_annotations.csv
     inquire/rerank/           Hugging Face evendrow/INQUIRE-Rerank parquet files
@@ -109,23 +109,21 @@ ID_LISTS = ("image_query_ids.txt", "text_query_ids.txt", "positive_ids.txt")
 
 
 def locate_ilias_core(cfg: dict, data_root: str | os.PathLike, download: bool) -> dict:
-    """Image-query and positive shards (Hugging Face), text queries and official id lists."""
+    """The original core images and text queries (the server's ``ilias_core.tar``, or an
+    extracted ``ilias_core/`` folder of one's own) and the official id lists."""
     root = Path(data_root) / "ilias"
-    hf = root / "hf"
-    manifest = {
-        "image_query_tars": hf_files(cfg["hf_repo"], cfg["query_shards"], hf, download),
-        "positive_tars": hf_files(cfg["hf_repo"], cfg["positive_shards"], hf, download),
-    }
+    manifest = {}
     server = root / "server"
     core_dir = server / "ilias_core"
     if core_dir.is_dir():  # an extracted ilias_core/ folder of one's own
-        manifest["text_queries"] = str(core_dir)
+        manifest["core"] = str(core_dir)
     elif (server / "ilias_core.tar").is_file() and not download:
-        manifest["text_queries"] = str(server / "ilias_core.tar")
+        manifest["core"] = str(server / "ilias_core.tar")
     else:
         sums = _checksums(cfg, server, download) if download else {}
-        manifest["text_queries"] = _server_file(cfg["server_url"], "ilias_core.tar", server,
-                                                download, sums.get("ilias_core.tar"))
+        manifest["core"] = _server_file(cfg["server_url"], "ilias_core.tar", server,
+                                        download, sums.get("ilias_core.tar"))
+    manifest["text_queries"] = manifest["core"]
     ids = server / "image_ids"
     present = all((ids / n).is_file() for n in ID_LISTS)
     if download:  # each checked against its verification stamp, fetched when not a known copy
@@ -286,10 +284,11 @@ def locate_collection(name: str, cfg: dict, data_root: str | os.PathLike, downlo
     root = Path(data_root) / name
     kind = cfg["format"]
     if kind == "coco":
-        captions = root / "annotations" / "captions_train2017.json"
-        images = root / "train2017"
+        split = cfg.get("split", "train2017")  # val2017: 5,000 images (1 GB), for a quick run
+        captions = root / "annotations" / f"captions_{split}.json"
+        images = root / split
         zips = ((cfg["annotations_url"], "annotations_trainval2017.zip"),
-                (cfg["images_url"], "train2017.zip"))
+                (cfg["images_url"], f"{split}.zip"))
         if download and not (captions.is_file() and images.is_dir()):
             for url, zip_name in zips:
                 _fetch_zip(url, root, zip_name)
@@ -297,7 +296,7 @@ def locate_collection(name: str, cfg: dict, data_root: str | os.PathLike, downlo
             for url, zip_name in zips:
                 if (root / zip_name).exists() and not _extracted_marker(root, zip_name).exists():
                     _fetch_zip(url, root, zip_name)
-        require_files([(captions, "MS-COCO captions"), (images, "MS-COCO train2017 images")])
+        require_files([(captions, "MS-COCO captions"), (images, f"MS-COCO {split} images")])
         return {"format": kind, "captions": str(captions), "images": str(images)}
     if kind == "webdataset":
         pattern = cfg.get("pattern", "*.tar")

@@ -82,6 +82,8 @@ def _check_config_early():
             if unknown:
                 raise WorkflowError(f"evaluations[{n}].{key}: {unknown} not among {known}")
         for method in block["methods"]:
+            if method_type(method) == "quari_released":
+                _check_released_backbones(n, method, block["backbones"])
             only = RERANKER_BENCHMARK.get(method_type(method))
             other = [b for b in block["benchmarks"] if b != only]
             if only and other:
@@ -143,7 +145,12 @@ RERANKER_BENCHMARK = {**dict.fromkeys(LOCAL_FEATURE_METHODS, "ilias"),
 
 
 def get_train_inputs(wildcards):
-    """What training a method needs: the collection, and semi-positives for QuARI."""
+    """What training a method needs: the collection, and semi-positives for QuARI; nothing for
+    a method fitted without training data (a released checkpoint)."""
+    from quari.methods import get_method
+
+    if not getattr(get_method(method_type(wildcards.method)), "uses_training_data", True):
+        return {}
     trainset = training_set_of(wildcards.method)
     inputs = {
         "train": f"results/embeddings/{trainset}/{wildcards.backbone}/train",
@@ -206,6 +213,22 @@ def get_training_set_files(wildcards):
     return [f"results/data/{c}.json" for c in config["real"]["training_sets"][wildcards.trainset]]
 
 
+def _check_released_backbones(n, method, backbones):
+    """A released checkpoint runs only on the backbone it was trained on (checked at load)."""
+    from baselines.quari_released import release_for
+    from quari.data.embedding_jobs import configured_backbone
+
+    if config["data"] != "real":
+        raise WorkflowError(f"evaluations[{n}]: {method} evaluates the authors' checkpoints on "
+                            "real backbones; run it with data: real")
+    for name in backbones:
+        info, _ = configured_backbone(name, config["real"].get("models"))
+        try:
+            release_for(info)
+        except ValueError as err:
+            raise WorkflowError(f"evaluations[{n}]: {method}: {err}") from None
+
+
 def _check_real_config():
     """Names in the real-data sections refer to things that exist, checked at load."""
     from quari.data.embedding_jobs import configured_backbone
@@ -225,6 +248,21 @@ def _check_real_config():
             configured_backbone(name, real.get("models"))
         except (KeyError, ValueError) as err:
             raise WorkflowError(f"backbones: {err.args[0]}") from None
+    from quari.data.inquire import check_precomputed
+
+    inquire_cfg = real["inquire"]
+    on_inquire = {bb for b, bb, _ in evaluation_matrix() if b == "inquire"}
+    for name in sorted(set(inquire_cfg.get("precomputed", {})) | (
+            on_inquire if inquire_cfg.get("pool") == "precomputed" else set())):
+        folder = inquire_cfg.get("precomputed", {}).get(name)
+        if folder is None:
+            raise WorkflowError(f"real.inquire.pool is precomputed but real.inquire.precomputed "
+                                f"has no folder for backbone {name}")
+        info, _ = configured_backbone(name, real.get("models"))
+        try:
+            check_precomputed(info, folder)
+        except ValueError as err:
+            raise WorkflowError(f"real.inquire.precomputed.{name}: {err}") from None
     collections = real["collections"]
     for trainset, names in real["training_sets"].items():
         if trainset in BENCHMARKS:
@@ -241,6 +279,25 @@ def _check_real_config():
 
 
 
+def get_tsne_inputs(wildcards):
+    """Figure 3's inputs: QuARI on the figure's backbone, an ILIAS gallery (`ilias_benchmark`)
+    with the ILIAS image queries, and an INQUIRE gallery with its text queries
+    (`inquire_benchmark`: Fullrank's pool, or INQUIRE-Rerank's candidates)."""
+    tsne = config["figures"]["tsne"]
+    bb = figure_backbone("tsne")
+    ilias_b = tsne.get("ilias_benchmark", "ilias")
+    inquire_b = tsne.get("inquire_benchmark", "inquire")
+    return {
+        "model": f"results/models/quari/{bb}/method.json",
+        "ilias": f"results/embeddings/{ilias_b}/{bb}/gallery",
+        "ilias_queries": f"results/embeddings/ilias/{bb}/image_queries",
+        "inquire": f"results/embeddings/{inquire_b}/{bb}/gallery",
+        "inquire_queries": f"results/embeddings/{inquire_b}/{bb}/text_queries",
+        "ilias_positives": "results/groundtruth/ilias.json",
+        "inquire_positives": f"results/groundtruth/{inquire_b}.json",
+    }
+
+
 def figure_backbone(name):
     return config["figures"].get(name, {}).get("backbone", BACKBONES[-1])
 
@@ -253,11 +310,13 @@ def cost_accuracy_backbones():
 
 
 def cost_accuracy_evaluations():
-    """Figure 4's inputs: the ILIAS evaluations on the ILIAS panel's backbone and the INQUIRE
-    (Fullrank or Rerank) evaluations on the INQUIRE panel's backbone."""
+    """Figure 4's inputs: the ILIAS evaluations (of `ilias_benchmark`, default the 100M gallery)
+    on the ILIAS panel's backbone and the INQUIRE (Fullrank or Rerank) evaluations on the INQUIRE
+    panel's backbone."""
     ilias_bb, inquire_bb = cost_accuracy_backbones()
+    ilias_benchmark = config["figures"].get("cost_accuracy", {}).get("ilias_benchmark", "ilias")
     return [f"results/eval/{b}/{bb}/{m}.json" for b, bb, m in evaluation_matrix()
-            if (b == "ilias" and bb == ilias_bb)
+            if (b == ilias_benchmark and bb == ilias_bb)
             or (b in ("inquire", "inquire_rerank") and bb == inquire_bb)]
 
 

@@ -3,13 +3,7 @@
 
 rule figure_tsne:
     input:
-        model=f"results/models/quari/{figure_backbone('tsne')}/method.json",
-        ilias=f"results/embeddings/ilias/{figure_backbone('tsne')}/gallery",
-        ilias_queries=f"results/embeddings/ilias/{figure_backbone('tsne')}/image_queries",
-        inquire=f"results/embeddings/inquire/{figure_backbone('tsne')}/gallery",
-        inquire_queries=f"results/embeddings/inquire/{figure_backbone('tsne')}/text_queries",
-        ilias_positives="results/groundtruth/ilias.json",
-        inquire_positives="results/groundtruth/inquire.json",
+        unpack(get_tsne_inputs),
     output:
         png=report("figures/fig3_tsne.png", caption="../report/fig3_tsne.rst",
                    category="Figures", labels={"figure": "Figure 3"}),

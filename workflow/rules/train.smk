@@ -12,6 +12,7 @@ rule train_method:
         method_type=lambda wildcards: method_type(wildcards.method),
         method_params=lambda wildcards: method_params(wildcards.method),
         quari=config["quari"],
+        models=config.get("real", {}).get("models", {}),
         device=config["device"],
     # Synthetic-world models are small: one thread each is nearly as fast as several, so they
     # train side by side; real-data training feeds one GPU.

@@ -27,9 +27,9 @@ def gallery_part(smk, encoder, opts):
     """One part of a gallery: its items, their provenance, embedded into the part's folder."""
     info, name = encoder.info, smk.wildcards.part
     files = _files(smk.input.files)
-    if name == "core":
-        tars = files["positive_tars"]
-        items = ilias.positive_items(tars)
+    if name == "core":  # the original images of ilias_core.tar (or its folder), EXIF applied
+        tars = [files["core"]]
+        items = ilias.positive_items(files["core"])
     elif name.startswith("pool-"):
         s = smk.params.part
         pool = inquire.pool_items(files["pool_root"], s["max_pool_images"])
@@ -59,6 +59,7 @@ def main(smk):
     info, path = embedding_jobs.configured_backbone(smk.wildcards.backbone, p.models)
     if job == "inquire_precomputed_gallery":
         files = _files(smk.input.files)
+        inquire.check_precomputed(info, files["precomputed"][info.name])
         work = embedding_jobs.partial_dir(smk.output[0])
         rows = inquire.convert_clip_retrieval(files["precomputed"][info.name], work,
                                               meta={"protocol": "precomputed"})
@@ -73,7 +74,7 @@ def main(smk):
     if job == "gallery_part":
         gallery_part(smk, encoder, opts)
     elif job == "ilias_image_queries":
-        items = ilias.image_query_items(_files(smk.input.files)["image_query_tars"])
+        items = ilias.image_query_items(_files(smk.input.files)["core"])
         embedding_jobs.embed_image_set(encoder, items, out, ilias_t, meta={"protocol": "ilias"},
                                        **opts)
     elif job == "ilias_text_queries":
@@ -87,21 +88,25 @@ def main(smk):
         embedding_jobs.embed_text_set(encoder, [(q, q) for q in split.queries], out, **text_opts)
     elif job == "inquire_rerank_gallery":
         files = _files(smk.input.files)
-        items = inquire.extract_rerank_images(files["parquets"], p.images_dir)
+        items = inquire.rerank_gallery_items(files["parquets"], p.images_dir)
         embedding_jobs.embed_image_set(encoder, items, out, model_t, meta={"protocol": "model"},
                                        **opts)
     elif job == "training_set":
-        pairs = collections.merge({
-            name: collections.read_collection(name, _files(f), p.collections[name])
-            for name, f in zip(p.collections, smk.input.files)})
-        train, valid = collections.split_valid(pairs, p.valid_fraction)
+        train, valid, protocol = collections.training_split(
+            list(p.collections), [_files(f) for f in smk.input.files], p.collections,
+            p.valid_fraction)
         name = smk.wildcards.trainset
-        log.info("%s: %d train / %d valid images", name, len(train.images), len(valid.images))
-        # training embeddings use the model's own transform, as the released QuARI code does
-        embedding_jobs.embed_training_collection(encoder, train, smk.output.train, model_t,
-                                        f"{name}-train", meta={"protocol": "model"}, **opts)
-        embedding_jobs.embed_training_collection(encoder, valid, smk.output.valid, model_t,
-                                        f"{name}-valid", meta={"protocol": "model"}, **opts)
+        log.info("%s: %d train / %d valid images, %s protocol", name, len(train.images),
+                 len(valid.images), protocol)
+        # the model's own transform, as the released QuARI code embeds its training data; ILIAS's
+        # at the test resolution for UnED, as ILIAS's linear adaptation does (docs/protocol.md)
+        transform = ilias_t if protocol == "ilias" else model_t
+        embedding_jobs.embed_training_collection(encoder, train, smk.output.train, transform,
+                                                 f"{name}-train", meta={"protocol": protocol},
+                                                 **opts)
+        embedding_jobs.embed_training_collection(encoder, valid, smk.output.valid, transform,
+                                                 f"{name}-valid", meta={"protocol": protocol},
+                                                 **opts)
     else:
         raise ValueError(f"unknown embedding job {job!r}")
 

@@ -25,13 +25,13 @@ def main(smk):
     opts = p.options
     core = _files(smk.input.files)
     if p.job == "queries":
-        items = ilias.image_query_items(core["image_query_tars"])
+        items = ilias.image_query_items(core["core"])
         n = opts["query_descriptors"]
     elif p.job == "database":
         ids = Path(smk.input.ids).read_text().split("\n")
         distractors = [t for group in smk.input.distractors  # one manifest per group of shards
                        for t in _files(group)["distractor_tars"]]
-        items = ilias.gallery_items([i for i in ids if i], core["positive_tars"], distractors)
+        items = ilias.gallery_items([i for i in ids if i], core["core"], distractors)
         n = opts["database_descriptors"]
     else:
         raise ValueError(f"unknown local-descriptor job {p.job!r}")

@@ -16,10 +16,10 @@ def main(smk):
     files = json.loads(Path(smk.input.files).read_text())
     benchmark = smk.params.benchmark
     if benchmark == "ilias":
-        queries = [i for i, _ in ilias.image_query_items(files["image_query_tars"])]
+        queries = [i for i, _ in ilias.image_query_items(files["core"])]
         texts = files["text_queries"]
         queries += [i for i, _ in ilias.text_query_items(texts)]
-        positives = [i for i, _ in ilias.positive_items(files["positive_tars"])]
+        positives = [i for i, _ in ilias.positive_items(files["core"])]
         if files.get("image_ids"):
             ids = Path(files["image_ids"])
             official = ilias.read_id_list(ids / "image_query_ids.txt") + \

@@ -35,20 +35,31 @@ def main(smk):
     for key in ("local_descriptors", "query_local_descriptors", "gallery_images", "query_texts"):
         if key in smk.input.keys():
             context[key] = str(Path(getattr(smk.input, key)).resolve())
-    train = load_training_collection(smk.input.train)
-    if "semipositives" in smk.input.keys():  # only when mined from these very images
-        context["semipositives"] = load_semipositives(
-            smk.input.semipositives, embedding_fingerprint(train.images.ids, train.images.embeddings))
-    valid = load_training_collection(smk.input.valid)
+    if getattr(cls, "needs_backbone", False):  # e.g. a released checkpoint checks its backbone
+        from quari.data.embedding_jobs import configured_backbone
+        context["backbone"], _ = configured_backbone(smk.wildcards.backbone, p.models)
     out_dir = Path(smk.output[0]).parent
-    log.info("fitting %s (%s) on %d images / %d captions", smk.wildcards.method, p.method_type,
-             len(train.images), len(train.captions))
-    dropped = training_report(train.meta)
-    if dropped["dropped"]:
-        log.warning("training data: %d of %d images could not be embedded and are left out, with "
-                    "%d captions (training pairs) that described them", dropped["dropped"],
-                    dropped["requested"], dropped["captions_dropped"])
-    atomic_write_json(out_dir / DROPPED_FILE, dropped)
+    if "train" in smk.input.keys():
+        train = load_training_collection(smk.input.train)
+        if "semipositives" in smk.input.keys():  # only when mined from these very images
+            context["semipositives"] = load_semipositives(
+                smk.input.semipositives,
+                embedding_fingerprint(train.images.ids, train.images.embeddings))
+        valid = load_training_collection(smk.input.valid)
+        if len(valid.images) == 0:  # a collection trained on whole (UnED, as ILIAS does)
+            log.info("no validation images: training without validation")
+            valid = None
+        log.info("fitting %s (%s) on %d images / %d captions", smk.wildcards.method,
+                 p.method_type, len(train.images), len(train.captions))
+        dropped = training_report(train.meta)
+        if dropped["dropped"]:
+            log.warning("training data: %d of %d images could not be embedded and are left out, "
+                        "with %d captions (training pairs) that described them",
+                        dropped["dropped"], dropped["requested"], dropped["captions_dropped"])
+        atomic_write_json(out_dir / DROPPED_FILE, dropped)
+    else:  # fitted without training data (a released checkpoint): nothing left out
+        train = valid = None
+        log.info("fitting %s (%s) without training data", smk.wildcards.method, p.method_type)
     method.fit(train, valid, workdir=out_dir / "work", **context)
     method.save(out_dir)
 
