@@ -290,7 +290,7 @@ def tiny_real_world(tmp_path_factory):
     save_tiny_siglip(models / "siglip")
     cfg = tiny_real_config(data, models, inquire["precomputed"])
     cfg["evaluations"] = [{"benchmarks": ["ilias"], "backbones": ["tiny-siglip"],
-                           "methods": ["identity"]}]
+                           "methods": ["identity", "quari"]}]
     config = root / "tiny-real.yaml"
     config.write_text(yaml.safe_dump(cfg))
     return root, config
@@ -306,18 +306,24 @@ def test_real_data_dag_through_the_slurm_executor(tiny_real_world):
         pytest.skip(f"no local SLURM: {reason}")
     root, config = tiny_real_world
     args = [*CLUSTER_TARGETS, "--configfile", str(config), "--replace-workflow-config"]
-    local = snakemake(root / "local", *args, "--max-threads", "1")
+    # locally, also a method trained on a collection (QuARI; identity reads none)
+    trained = "results/eval/ilias/tiny-siglip/quari.json"
+    local = snakemake(root / "local", trained, *args, "--max-threads", "1")
     assert local.returncode == 0, local.stderr[-5000:]
 
-    # editing one collection's max_images re-runs only what reads that collection
+    # editing one collection's max_images re-runs only what reads that collection: QuARI's
+    # training set, its mined semi-positives, training and evaluation; not the galleries, not
+    # identity's evaluation
     edited = yaml.safe_load(config.read_text())
     edited["real"]["collections"]["coco"]["max_images"] -= 1
     (root / "edited.yaml").write_text(yaml.safe_dump(edited))
-    dry = snakemake(root / "local", *CLUSTER_TARGETS, "--configfile", str(root / "edited.yaml"),
-                    "--replace-workflow-config", "-n")
+    dry = snakemake(root / "local", *CLUSTER_TARGETS, trained, "--configfile",
+                    str(root / "edited.yaml"), "--replace-workflow-config", "-n")
     assert dry.returncode == 0, dry.stderr[-3000:]
-    rerun = {rule for rule, _ in job_resources(dry.stdout + dry.stderr)}
-    assert rerun == {"embed_training_set", "train_method", "evaluate"}, rerun
+    rerun = job_resources(dry.stdout + dry.stderr)
+    assert {rule for rule, _ in rerun} == {"embed_training_set", "mine_semipositives",
+                                           "train_method", "evaluate"}, rerun
+    assert sum(rule == "evaluate" for rule, _ in rerun) == 1  # QuARI's, not identity's
 
     profile = ["--profile", str(PROFILES / "slurm-ci")]
     run = snakemake(root / "slurm", *args, *profile, cores=False, timeout=1500)

@@ -287,8 +287,12 @@ def locate_collection(name: str, cfg: dict, data_root: str | os.PathLike, downlo
         split = cfg.get("split", "train2017")  # val2017: 5,000 images (1 GB), for a quick run
         captions = root / "annotations" / f"captions_{split}.json"
         images = root / split
-        zips = ((cfg["annotations_url"], "annotations_trainval2017.zip"),
-                (cfg["images_url"], f"{split}.zip"))
+        # the URLs are needed only to download (a config with downloads off may leave them out)
+        zips = ((cfg.get("annotations_url"), "annotations_trainval2017.zip"),
+                (cfg.get("images_url"), f"{split}.zip"))
+        if download and not all(url for url, _ in zips):
+            raise ValueError(f"real.collections.{name}: downloads are on but annotations_url or "
+                             "images_url is not set (paper.yaml has both)")
         if download and not (captions.is_file() and images.is_dir()):
             for url, zip_name in zips:
                 _fetch_zip(url, root, zip_name)
