@@ -42,7 +42,7 @@ check-seeds: $(STAMP)
 	    $(SEED_TARGETS) --configfile $(CURDIR)/workflow/config/config.yaml \
 	    $(CURDIR)/results/seeds/seed$$s/seed.yaml || exit 1; \
 	done
-	$(BIN)/python -m reporting.compare results/eval $(foreach s,$(SEEDS),results/seeds/seed$(s)/results/eval)
+	$(BIN)/python -m quari.reporting.compare results/eval $(foreach s,$(SEEDS),results/seeds/seed$(s)/results/eval)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not gpu and not network"

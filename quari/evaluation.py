@@ -212,7 +212,7 @@ def evaluate_rerank(method: RetrievalMethod, task: RetrievalTask, benchmark: str
               "ms_per_100_pairs": 1e5 * seconds / pairs, "shortlist": reranked.shape[1],
               "num_queries": n_q}
     rel = task.relevance(reranked)
-    # what the best possible re-ranking of these shortlists scores (reporting.tables)
+    # what the best possible re-ranking of these shortlists scores (quari.reporting.tables)
     result["relevant_in_shortlist"] = [int(sum(r)) for r in rel]
     result["num_positives"] = task.num_positives()
     if benchmark == "ilias":

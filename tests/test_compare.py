@@ -1,10 +1,10 @@
-"""reporting.compare: a method against a reference on every result of a run."""
+"""quari.reporting.compare: a method against a reference on every result of a run."""
 
 import json
 
 import pytest
 
-from reporting.compare import compare, main
+from quari.reporting.compare import compare, main
 
 
 def write(root, benchmark, backbone, method, metrics_by_task):

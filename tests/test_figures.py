@@ -8,10 +8,10 @@ from matplotlib.text import Text
 from matplotlib.transforms import Bbox
 
 from quari import scoring
-from reporting.figures import (TsnePanel, _coincident_groups, _LabelLayout, _label_offsets,
+from quari.reporting.figures import (TsnePanel, _coincident_groups, _LabelLayout, _label_offsets,
                            _offset_box, cost_accuracy_caption, map_rows, measured_cost_accuracy,
                            paper_figure4_points, plot_cost_accuracy, plot_tsne)
-from reporting.tables import DISPLAY_NAME
+from quari.reporting.tables import DISPLAY_NAME
 from quari.transform import QueryTransform
 
 from .conftest import ROOT

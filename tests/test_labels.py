@@ -1,7 +1,7 @@
 """Honest labels: a synthetic row says so, and a QuARI row smaller than the paper's says its size."""
 
 from quari.quari_method import QuARIMethod
-from reporting.tables import evaluation_rows, write_table
+from quari.reporting.tables import evaluation_rows, write_table
 
 from .test_tables import PAPER, evaluation
 

@@ -285,7 +285,7 @@ def test_real_data_dag_end_to_end_on_generated_official_files(tmp_path):
     run = snakemake(work, *targets, "--configfile", str(config), "--replace-workflow-config")
     assert run.returncode == 0, run.stderr[-5000:]
     res = work / "results"
-    from reporting.tables import build_table, evaluation_rows, load_evaluations
+    from quari.reporting.tables import build_table, evaluation_rows, load_evaluations
     rows = evaluation_rows(load_evaluations([work / e for e in evaluations]))
     paper = pd.read_csv(PAPER)
     for name in ("1", "2", "3"):

@@ -462,7 +462,7 @@ def test_dropped_items_are_counted_and_too_many_stop_with_the_list(tmp_path):
 def test_a_dropped_query_is_a_footnote_in_the_table(tmp_path):
     import pandas as pd
 
-    from reporting.tables import evaluation_rows, write_table
+    from quari.reporting.tables import evaluation_rows, write_table
     from tests.test_tables import evaluation
     paper = pd.read_csv(Path(__file__).resolve().parents[1] / "workflow/resources/paper_numbers.csv")
     ev = evaluation("quari", "quari", "siglip-vit-l16@384")

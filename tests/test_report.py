@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from reporting.report import hardware_of, render_report, write_report
+from quari.reporting.report import hardware_of, render_report, write_report
 
 
 def inputs(tmp_path, data="synthetic"):

@@ -2,7 +2,7 @@
 
 from html.parser import HTMLParser
 
-from reporting.html import markdown_page
+from quari.reporting.html import markdown_page
 
 
 class Cells(HTMLParser):

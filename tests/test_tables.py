@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from quari import metrics
-from reporting.tables import (ABLATIONS, TABLES, assemble_table, best_possible_metrics, build_table,
+from quari.reporting.tables import (ABLATIONS, TABLES, assemble_table, best_possible_metrics, build_table,
                           evaluation_rows, paper_only_rows, size_label, to_markdown, write_table)
 
 from .conftest import ROOT

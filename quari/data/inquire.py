@@ -379,7 +379,7 @@ def rerank_candidates(method, queries, gallery, candidates: dict[str, list[str]]
               "ms_per_100_pairs": 1e5 * seconds / pairs, "shortlist": max(by_length),
               "num_queries": len(queries), "gallery_size": len(gallery),
               "shortlist_source": "benchmark",
-              # what the best possible ordering of these lists scores (reporting.tables)
+              # what the best possible ordering of these lists scores (quari.reporting.tables)
               "relevant_in_shortlist": hits, "num_positives": hits}
     if full_pool is not None:
         result["full_pool"] = full_pool

@@ -102,7 +102,7 @@ def dropped_reports(smk):
 
 def write_result(smk, cls, method, benchmark, gallery_size, results):
     """The evaluation JSON; `benchmark` is the paper's benchmark name (ilias / inquire), the
-    setting follows from the gallery size and the mode (reporting.tables)."""
+    setting follows from the gallery size and the mode (quari.reporting.tables)."""
     w, p = smk.wildcards, smk.params
     atomic_write_json(smk.output[0], {
         "run_id": p.run_id, "data": p.data, "benchmark": benchmark, "backbone": w.backbone,

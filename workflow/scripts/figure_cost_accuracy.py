@@ -2,11 +2,11 @@
 
 import pandas as pd
 
-from reporting.figures import (cost_accuracy_caption, measured_cost_accuracy, paper_figure4_points,
+from quari.reporting.figures import (cost_accuracy_caption, measured_cost_accuracy, paper_figure4_points,
                            plot_cost_accuracy)
-from reporting.report import hardware_of
+from quari.reporting.report import hardware_of
 from quari.runlog import log_to
-from reporting.tables import load_evaluations
+from quari.reporting.tables import load_evaluations
 
 
 def main(smk):

@@ -6,12 +6,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reporting.figures import TsnePanel, map_rows, plot_tsne
+from quari.reporting.figures import TsnePanel, map_rows, plot_tsne
 from quari.quari_method import QuARIMethod
 from quari.runlog import log_to
 from quari.store import load_embedding_set, load_positives
 
-log = logging.getLogger("reporting.figures")
+log = logging.getLogger("quari.reporting.figures")
 
 
 def pick_query(queries, positives, rng, min_positives=3):

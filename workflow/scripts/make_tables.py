@@ -2,9 +2,9 @@
 
 import pandas as pd
 
-from reporting.report import write_report
+from quari.reporting.report import write_report
 from quari.runlog import log_to
-from reporting.tables import TABLES, evaluation_rows, load_evaluations, write_table
+from quari.reporting.tables import TABLES, evaluation_rows, load_evaluations, write_table
 
 
 def main(smk):

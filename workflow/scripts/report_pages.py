@@ -9,7 +9,7 @@ import yaml
 
 from quari.runlog import log_to
 from quari.store import atomic_write_text
-from reporting.html import markdown_page
+from quari.reporting.html import markdown_page
 
 log = logging.getLogger("quari.report")
 

@@ -17,7 +17,7 @@ from matplotlib.transforms import Bbox  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
 
 from quari.store import l2_normalize  # noqa: E402
-from reporting.tables import DISPLAY_NAME, PAPER_METHOD  # noqa: E402
+from quari.reporting.tables import DISPLAY_NAME, PAPER_METHOD  # noqa: E402
 
 
 @dataclass

@@ -3,7 +3,7 @@
 The seeds check of the synthetic world (docs/offline_world.md) asks it of QuARI against the
 frozen backbone, for runs of the default configuration on several world seeds::
 
-    python -m reporting.compare results/eval results/seeds/seed1/results/eval ...
+    python -m quari.reporting.compare results/eval results/seeds/seed1/results/eval ...
 
 reads ``{benchmark}/{backbone}/{method}.json`` under each directory (the evaluation results the
 workflow writes), prints one line per comparison and exits non-zero when any is not above.
