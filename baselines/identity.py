@@ -11,3 +11,7 @@ class Identity(StaticProjectionMethod):
     trainable = False
     #: nothing is learned, so no training collection is embedded for it
     uses_training_data = False
+
+    def __init__(self, device: str | None = None):
+        # no settings: an explicit signature so that a typo in its config entry is refused
+        super().__init__(device=device)

@@ -78,3 +78,16 @@ def check_dropped(reports: dict[str, dict], max_fraction: float) -> None:
             f"more than {max_fraction:.2%} of a set was left out (evaluation.max_dropped_fraction):"
             "\n  " + "\n  ".join(bad) + "\nrepair or remove those files and embed the set again "
             "(delete its folder), or raise evaluation.max_dropped_fraction to accept the loss")
+
+
+def check_training_collection(directory: str | os.PathLike, collection_meta: dict,
+                              max_fraction: float) -> dict:
+    """The :func:`training_report` of the training collection in ``directory``; raises
+    TooManyDroppedError, before any training, when more than ``max_fraction`` of its images
+    could not be embedded (the same limit the evaluation applies to its sets), naming the
+    collection's ``images/skipped.tsv``."""
+    report = training_report(collection_meta)
+    listed = Path(directory) / "images" / SKIPPED
+    check_dropped({f"training collection {directory}":
+                   {**report, "list": str(listed) if listed.is_file() else None}}, max_fraction)
+    return report

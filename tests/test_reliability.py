@@ -459,6 +459,32 @@ def test_dropped_items_are_counted_and_too_many_stop_with_the_list(tmp_path):
     assert "max_dropped_fraction" in message
 
 
+def test_a_training_collection_that_lost_too_many_images_stops_training(tmp_path):
+    """Before any training (train_method), with the same limit as the evaluation's and the
+    collection's list of unreadable images."""
+    from quari.dropped import TooManyDroppedError, check_training_collection
+    _set_with_skips(tmp_path / "coll" / "images", 20, ["c1", "c2"])
+    meta = {"images_requested": 20, "images_embedded": 18, "captions_of_skipped_images": 10}
+    report = check_training_collection(tmp_path / "coll", meta, max_fraction=0.1)
+    assert (report["dropped"], report["captions_dropped"]) == (2, 10)
+    with pytest.raises(TooManyDroppedError) as err:
+        check_training_collection(tmp_path / "coll", meta, max_fraction=0.05)
+    assert "2 of 20" in str(err.value)
+    assert str(tmp_path / "coll" / "images" / "skipped.tsv") in str(err.value)
+    whole = {"images_requested": 20, "images_embedded": 20, "captions_of_skipped_images": 0}
+    assert check_training_collection(tmp_path / "coll", whole, 0.0)["dropped"] == 0
+
+
+def test_every_method_refuses_an_unknown_setting():
+    """No method takes any key silently (a `**params` signature would accept a typo)."""
+    from quari.config import check_parameters
+    from quari.methods import available_methods, get_method
+    for name in available_methods():
+        problems = check_parameters(get_method(name), {"no_such_setting": 1}, f"methods.{name}",
+                                    ("self", "device", "embedding_dim"))
+        assert problems and "unknown key" in problems[0], name
+
+
 def test_a_dropped_query_is_a_footnote_in_the_table(tmp_path):
     import pandas as pd
 

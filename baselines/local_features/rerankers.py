@@ -132,6 +132,10 @@ class ChamferReranker(LocalFeatureReranker):
     name = "chamfer"
     label = "Chamfer similarity"
 
+    def __init__(self, device: str | None = None):
+        # no settings: an explicit signature so that a typo in its config entry is refused
+        super().__init__(device=device)
+
     def score_images(self, query, rows):
         desc, _, counts = self.database_.gather(rows)  # stored dtype: converted by chunk
         return local_matching.chamfer_similarities(

@@ -14,6 +14,7 @@ rule train_method:
         quari=config["quari"],
         models=config.get("real", {}).get("models", {}),
         device=config["device"],
+        max_dropped_fraction=config["evaluation"]["max_dropped_fraction"],
     # Synthetic-world models are small: one thread each is nearly as fast as several, so they
     # train side by side; real-data training feeds one GPU.
     threads: 8 if config["data"] == "real" else 1

@@ -8,7 +8,7 @@ import torch
 from quari.methods import get_method
 from quari.config import deep_merge
 from quari.mining import load_semipositives
-from quari.dropped import DROPPED_FILE, training_report
+from quari.dropped import DROPPED_FILE, check_training_collection
 from quari.runlog import log_to
 from quari.store import atomic_write_json, embedding_fingerprint, load_training_collection
 
@@ -51,7 +51,7 @@ def main(smk):
             valid = None
         log.info("fitting %s (%s) on %d images / %d captions", smk.wildcards.method,
                  p.method_type, len(train.images), len(train.captions))
-        dropped = training_report(train.meta)
+        dropped = check_training_collection(smk.input.train, train.meta, p.max_dropped_fraction)
         if dropped["dropped"]:
             log.warning("training data: %d of %d images could not be embedded and are left out, "
                         "with %d captions (training pairs) that described them",
