@@ -17,41 +17,7 @@ from baselines.local_features.ames_network import (AMES, NETWORKS_URL, AMESConfi
                                                    combine_scores, load_ames, load_ames_detector,
                                                    read_checkpoint_state)
 from baselines.local_features.matching import save_local_descriptors
-
-LOCAL_DIM = 8
-TINY = dict(model_dim=16, nhead=2, num_layers=2, dim_feedforward=32)
-
-
-def tiny_ames(binarized=False, seed=0, local_dim=LOCAL_DIM) -> AMES:
-    """A small random AMES whose layer norms are not the identity (a trained model's are not)."""
-    torch.manual_seed(seed)
-    model = AMES(AMESConfig(**TINY, local_dim=local_dim, binarized=binarized))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.startswith("remap_local.1") or name.endswith(".W"):
-                p.copy_(p + 0.5 * torch.randn_like(p))
-    return model.eval()
-
-
-def save_official_layout(model, path, **extra) -> str:
-    """Save ``model`` as the official training code saves networks: the state dict under
-    'state' beside the optimiser's state and other plain values."""
-    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    model.train()
-    dim = model.config.local_dim
-    model(torch.randn(2, 5, dim), torch.randn(2, 4, dim)).sum().backward()
-    optimiser.step()
-    model.zero_grad()
-    model.eval()
-    torch.save({"state": model.state_dict(), "optim": optimiser.state_dict(), "epoch": 7,
-                "best_map": np.float64(0.613), **extra}, path)
-    return str(path)
-
-
-def save_tiny_ames_checkpoint(path, binarized=False, seed=0, local_dim=LOCAL_DIM) -> str:
-    """A tiny random AMES saved in the official checkpoint layout: what the tests that run the
-    `ames` method (the conformance test of tests/test_methods.py among them) build it on."""
-    return save_official_layout(tiny_ames(binarized, seed, local_dim), path)
+from tests.builders import LOCAL_DIM, save_official_layout, save_tiny_ames_checkpoint, tiny_ames
 
 
 # -- the official structure -----------------------------------------------------------------------
@@ -402,7 +368,7 @@ def test_memory_mapped_and_in_memory_descriptors_score_the_same(local_world, mon
 
     from baselines.local_features import matching as local_matching
 
-    from .test_rerankers import reads_only_candidates
+    from tests.builders import reads_only_candidates
 
     cls = get_method("ames")
     shortlist = np.array([[0, 1, 3], [6, 5, 1]])

@@ -11,9 +11,8 @@ import torch
 from quari.backbones import (
     BACKBONES, BackboneInfo, as_open_clip, get_backbone, ilias_transform, list_backbones,
     load_backbone, model_transform, pad_collate)
+from tests.builders import PAPER_CSV, save_tiny_clip, save_tiny_siglip
 
-PAPER_NUMBERS = Path("/work/shared/reference/paper-numbers.csv")
-WORDS = ["a", "red", "bird", "on", "branch", "photo", "of", "the", "cat"]
 TEXTS = ["A red bird", "photo of the cat on a branch", "unseen words here"]
 
 
@@ -22,10 +21,9 @@ def test_registry_names_are_the_papers():
                 "siglip-vit-b16@512", "siglip-vit-l16@384", "siglip-so400m14@384",
                 "siglip2-vit-b16@512", "siglip2-vit-l16@512"}
     assert expected <= set(list_backbones())
-    if PAPER_NUMBERS.exists():
-        with PAPER_NUMBERS.open() as f:
-            used = {row["backbone"].split(" ")[0] for row in csv.DictReader(f)}
-        assert {n for n in used if "@" in n} <= set(list_backbones())
+    with PAPER_CSV.open() as f:
+        used = {row["backbone"].split(" ")[0] for row in csv.DictReader(f)}
+    assert {n for n in used if "@" in n} <= set(list_backbones())
     for name, info in BACKBONES.items():
         assert info.name == name and get_backbone(name) is info
 
@@ -91,51 +89,11 @@ def test_model_transform_is_the_square_eval_transform():
 
 # ----------------------------------------------------------------------------- tiny models
 
-def _save_word_tokenizer(directory: Path) -> None:
-    """A tiny WordLevel tokenizer saved as a PreTrainedTokenizerFast (no download needed)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[EOS]", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                            eos_token="[EOS]").save_pretrained(directory)
-
-
-TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-
-
-def save_tiny_siglip(directory: Path, seed: int = 0) -> BackboneInfo:
-    """A randomly initialised tiny SigLIP and its tokenizer saved in ``directory``, and a
-    registry entry describing it (loaded through the same path as hub models)."""
-    from transformers import SiglipConfig, SiglipModel
-    torch.manual_seed(seed)
-    config = SiglipConfig(
-        text_config=dict(TOWER, vocab_size=len(WORDS) + 3, max_position_embeddings=16,
-                         pad_token_id=0, eos_token_id=2),
-        vision_config=dict(TOWER, image_size=32, patch_size=8))
-    SiglipModel(config).save_pretrained(directory)
-    _save_word_tokenizer(directory)
-    return dataclasses.replace(get_backbone("siglip2-vit-b16@512"), name="tiny-siglip",
-                               embed_dim=32, patch_size=8, train_resolution=32, test_resolution=40)
-
 
 @pytest.fixture(scope="module")
 def tiny_siglip(tmp_path_factory) -> tuple[Path, BackboneInfo]:
     directory = tmp_path_factory.mktemp("tiny_siglip")
     return directory, save_tiny_siglip(directory)
-
-
-def save_tiny_clip(directory: Path) -> None:
-    """A randomly initialised tiny CLIP (24-d embeddings) and its tokenizer saved in ``directory``."""
-    from transformers import CLIPConfig, CLIPModel
-    torch.manual_seed(1)
-    config = CLIPConfig(
-        text_config=dict(TOWER, vocab_size=len(WORDS) + 3, max_position_embeddings=16,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2),
-        vision_config=dict(TOWER, image_size=32, patch_size=8), projection_dim=24)
-    CLIPModel(config).save_pretrained(directory)
-    _save_word_tokenizer(directory)
 
 
 @pytest.fixture(scope="module")

@@ -2,104 +2,16 @@
 module, refusal of unsafe pickles, and our own save/load round trip."""
 
 import json
-import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 
 from quari import checkpoint, scoring
 from quari.model import QuARI, QuARIConfig
-
-
-class ReleasedHypernetwork(nn.Module):
-    """The released ``TransformerHypernetwork``, re-written from its description for this test.
-
-    It keeps the released submodule names and forms the dense E x E matrix
-    W = I + a (U/||U||_F)(V/||V||_F)^T, applying it to images with ``torch.bmm``.
-    """
-
-    def __init__(self, embedding_dim, low_rank_dim, hidden_dim, num_steps, nhead, num_layers,
-                 dropout, query_residual_weight, use_fro_norm, anchor_scale):
-        super().__init__()
-        e, h = embedding_dim, hidden_dim
-        self.r, self.h, self.steps = low_rank_dim, hidden_dim, num_steps
-        self.w, self.fro, self.a = query_residual_weight, use_fro_norm, anchor_scale
-
-        def head():
-            return nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Dropout(dropout), nn.Linear(h, e))
-
-        self.query_encoder = nn.Sequential(nn.Linear(e, h), nn.LayerNorm(h), nn.GELU(),
-                                           nn.Dropout(dropout), nn.Linear(h, h), nn.LayerNorm(h))
-        self.step_proj = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Linear(h, h))
-        n = 2 * low_rank_dim + 1
-        table = torch.zeros(n, h)
-        for p in range(n):
-            for i in range(0, h, 2):
-                table[p, i] = math.sin(p * math.exp(-i * math.log(10000.0) / h))
-                table[p, i + 1] = math.cos(p * math.exp(-i * math.log(10000.0) / h))
-        self.register_buffer("pos_emb", table)
-        self.register_buffer("pos_scale", torch.tensor([1.0]))
-        self.transformer = nn.TransformerEncoder(
-            nn.TransformerEncoderLayer(h, nhead, 4 * h, dropout, activation="gelu",
-                                       batch_first=True, norm_first=True),
-            num_layers, enable_nested_tensor=False)
-        self.query_decoder = head()
-        self.dec_u_img = head()
-        self.dec_v_img = head()
-
-    def step_code(self, t, batch):
-        half = self.h // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half).float() / half)
-        angles = torch.full((batch, 1), float(t)) * freqs
-        return torch.cat([angles.cos(), angles.sin()], dim=1)
-
-    def forward(self, query):
-        b = query.shape[0]
-        ctx = self.query_encoder(query)
-        u = torch.zeros(b, self.r, self.h)
-        v = torch.zeros(b, self.r, self.h)
-        for t in range(self.steps):
-            cond = ctx + self.step_proj(self.step_code(t, b))
-            codes = self.pos_scale * self.pos_emb[:self.r]
-            out = self.transformer(torch.cat([cond[:, None], u + codes, v + codes], dim=1))
-            ctx = ctx + out[:, 0]
-            u = u + out[:, 1:1 + self.r]
-            v = v + out[:, 1 + self.r:]
-        q = F.normalize((1 - self.w) * self.query_decoder(ctx) + self.w * query, dim=-1)
-        big_u = self.dec_u_img(u).transpose(1, 2)
-        big_v = self.dec_v_img(v).transpose(1, 2)
-        if self.fro:
-            big_u = big_u / (big_u.flatten(1).norm(dim=1).view(-1, 1, 1) + 1e-8)
-            big_v = big_v / (big_v.flatten(1).norm(dim=1).view(-1, 1, 1) + 1e-8)
-        eye = torch.eye(big_u.shape[1]).expand(b, -1, -1)
-        return {"refined_query": q, "W_image": eye + self.a * torch.bmm(big_u, big_v.transpose(1, 2))}
-
-    def project_and_score(self, query, images):
-        out = self(query)
-        q, w = out["refined_query"], out["W_image"]
-        if images.dim() == 2:
-            mapped = F.normalize(torch.bmm(images[:, None], w)[:, 0], dim=-1)
-            return F.cosine_similarity(q, mapped, dim=-1)
-        mapped = F.normalize(torch.bmm(images, w), dim=-1)
-        return torch.einsum("be,bme->bm", q, mapped)
-
-
-HPARAMS = dict(embedding_dim=32, low_rank_dim=8, hidden_dim=64, num_steps=2, nhead=4,
-               num_layers=2, dropout=0.1, query_residual_weight=0.5, use_fro_norm=True,
-               anchor_scale=0.8)
-
-
-def write_released(directory, reference, hparams=HPARAMS, state=None):
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / "config.yml", "w") as f:
-        yaml.safe_dump({"hparams": hparams, "backbone": "test"}, f)
-    torch.save(reference.state_dict() if state is None else state, directory / "weights.pt")
-    return directory
+from tests.builders import HPARAMS, ReleasedHypernetwork, write_released
 
 
 @pytest.fixture

@@ -9,24 +9,14 @@ script runs a network on it), independently of the resources the rules declare.
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from tests.builders import ROOT, SNAKEMAKE, snakemake
 
-from tests.test_data_downloads import server  # noqa: F401 (a local HTTP server fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 PROFILES = ROOT / "workflow" / "profiles"
-
-
-def snakemake(workdir, *args, timeout=900, cores=True):
-    cmd = [str(SNAKEMAKE), "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           *(["--cores", "2"] if cores else []), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def job_resources(output: str) -> list[tuple[str, dict[str, str]]]:
@@ -278,9 +268,9 @@ def same_embedding_sets(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny_real_world(tmp_path_factory):
     """Generated official-format files, two tiny backbones and the config the cluster test runs."""
-    from tests.test_backbones import save_tiny_clip, save_tiny_siglip
-    from tests.test_data_formats import make_collections, make_ilias, make_inquire
-    from tests.test_paper_workflow import tiny_real_config
+    from tests.builders import save_tiny_clip, save_tiny_siglip
+    from tests.builders import make_collections, make_ilias, make_inquire
+    from tests.builders import tiny_real_config
     root = tmp_path_factory.mktemp("cluster")
     data, models = root / "data", root / "models"
     make_ilias(data / "ilias")

@@ -1,13 +1,12 @@
 """Config validation: the shipped configs are valid; mistakes get errors that name the key."""
 
-from pathlib import Path
 
 import pytest
 import yaml
 
 from quari.config import ConfigError, deep_merge, load_config, validate_config
+from tests.builders import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "workflow/schemas/config.schema.yaml"
 
 

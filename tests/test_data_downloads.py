@@ -5,8 +5,6 @@ corrupt bytes, or ignore Range requests, and records every request it gets.
 """
 
 import hashlib
-import http.server
-import threading
 from pathlib import Path
 
 import pytest
@@ -14,79 +12,7 @@ import pytest
 from quari.data import downloads
 from quari.data.downloads import (MissingDataError, RemoteFile, fetch, hf_file, read_checksums,
                                   require_files)
-
-PAYLOAD = bytes(range(256)) * 4096  # 1 MiB, so a transfer spans several read chunks
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    """Serves ``server.files`` with an ETag (``server.etags``, else a digest of the bytes) and
-    honours ``If-Range`` unless ``server.if_range`` is False. ``server.mode`` is normal, cut
-    (stop after `cut_at` bytes once), corrupt (flip a byte), norange (ignore Range), or
-    nolength (no Content-Length; the first transfer is cut at `cut_at`)."""
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):  # noqa: N802 (http.server's name)
-        server = self.server
-        server.requests.append((self.path, self.headers.get("Range")))
-        data = server.files.get(self.path)
-        if data is None:
-            self.send_error(404)
-            return
-        etag = server.etags.get(self.path) or f'"{hashlib.md5(data).hexdigest()}"'
-        start = 0
-        rng = self.headers.get("Range")
-        if_range = self.headers.get("If-Range")
-        if server.if_range and if_range is not None and if_range != etag:
-            rng = None  # RFC 9110: a changed object is sent whole
-        if rng and server.mode != "norange" and server.ranges:
-            start = int(rng.split("=")[1].split("-")[0])
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        if server.mode == "corrupt":
-            body = body[:10] + bytes([body[10] ^ 0xFF]) + body[11:]
-        self.send_header("ETag", etag)
-        if server.mode == "nolength":
-            self.close_connection = True
-            self.end_headers()
-            if server.cut_once or server.cut_always:
-                server.cut_once = False
-                body = body[:server.cut_at + 1000 * len(server.requests)]
-            self.wfile.write(body)
-            self.wfile.flush()
-            return
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if server.mode == "cut":
-            server.mode = "normal"  # only the first transfer is cut
-            self.wfile.write(body[:server.cut_at])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(body)
-
-
-@pytest.fixture
-def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.files = {"/data.bin": PAYLOAD}
-    httpd.mode, httpd.cut_at, httpd.requests = "normal", 300_000, []
-    httpd.etags, httpd.if_range, httpd.cut_once, httpd.cut_always = {}, True, True, False
-    httpd.ranges = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+from tests.builders import PAYLOAD
 
 
 def _remote(server, tmp_path, **checks):

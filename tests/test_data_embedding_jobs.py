@@ -9,8 +9,8 @@ import pytest
 from quari.backbones import ilias_transform, load_backbone
 from quari.data import collections, embedding_jobs, ilias, parts
 from quari.store import load_embedding_set, load_training_collection
-from tests.test_backbones import save_tiny_siglip
-from tests.test_data_formats import make_collections, make_ilias
+from tests.builders import save_tiny_siglip
+from tests.builders import make_collections, make_ilias
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
-"""Data adapters on small files generated in each official format, and the writers of those files
-(shared with tests/test_paper_workflow.py).
+"""Data adapters on small files generated in each official format (written by tests/builders.py).
 
 Formats: ILIAS webdataset shards (``jpg``, ``bbox.json``, ``download_url.txt``; keys
 ``<instance>/query/Qxxx_yy``, ``<instance>/pos/Pxxx_zz``), the ILIAS core folder's ``Txxx.txt``
@@ -9,7 +8,6 @@ webdataset, a BioTrove-style table and the UnED path list.
 """
 
 import io
-import json
 import tarfile
 from pathlib import Path
 
@@ -19,203 +17,15 @@ import pytest
 from quari.data import collections, ilias, inquire
 from quari.data.tars import ImageRef, read_tar_samples, split_key
 from quari.store import load_embedding_set
+from tests.builders import INQUIRE_QUERIES, RERANK_QUERIES, shard_sample, jpeg_bytes, make_collections, make_ilias, make_inquire, make_rerank, write_tar
 
-INSTANCES = ["bold_bimp_000", "calm_cork_001", "dark_dune_002"]
-WORDS = "a red bird on branch photo of the cat".split()
-
-
-def jpeg_bytes(seed: int, size=(24, 18)) -> bytes:
-    """A small random-colour JPEG."""
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    pixels = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-def write_tar(path: Path, members: dict[str, bytes]) -> Path:
-    """A plain tar of ``{member name: bytes}`` in the given order."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
-def _sample(key: str, seed: int, url: bool = True) -> dict[str, bytes]:
-    members = {f"{key}.jpg": jpeg_bytes(seed), f"{key}.bbox.json": b"[[1, 2, 10, 8]]"}
-    if url:
-        members[f"{key}.download_url.txt"] = f"https://example.org/{seed}.jpg".encode()
-    return members
-
-
-def make_ilias(root: Path, distractors_per_shard: int = 6, mini_shards: int = 2,
-               yfcc_shards: int = 2) -> dict:
-    """ILIAS in its official layouts under ``root`` (= data_root/ilias): the extracted
-    ``server/ilias_core/`` (images, bbox and text files), mini-ILIAS shards, YFCC100M shards and
-    id lists; returns the expected ids."""
-    queries, positives, texts = [], [], []
-    core = root / "server" / "ilias_core"
-    seed = 0
-    for n, inst in enumerate(INSTANCES):
-        (core / inst / "query").mkdir(parents=True, exist_ok=True)
-        (core / inst / "pos").mkdir(parents=True, exist_ok=True)
-        for q in range(1 + n % 2):
-            name = f"{inst}/query/Q{n:03d}_{q:02d}"
-            (core / f"{name}.jpg").write_bytes(jpeg_bytes(seed := seed + 1))
-            (core / f"{name}_bbox.txt").write_text("1 2 10 8\n")
-            queries.append(f"{name}.jpg")
-        for p in range(2 + n):
-            name = f"{inst}/pos/P{n:03d}_{p:02d}"
-            (core / f"{name}.jpg").write_bytes(jpeg_bytes(seed := seed + 1))
-            (core / f"{name}_bbox.txt").write_text("1 2 10 8\n")
-            positives.append(f"{name}.jpg")
-        text = core / inst / "query" / f"T{n:03d}.txt"
-        text.write_text(f"a {WORDS[n + 1]} {WORDS[n + 2]} on the branch\n")
-        texts.append(f"{inst}/query/T{n:03d}.txt")
-    mini, yfcc = [], []
-    for s in range(mini_shards):
-        name = f"mini_ilias_yfcc100m-{s:06d}.tar"
-        keys = [f"{9000 + 10 * s + d}" for d in range(distractors_per_shard)]
-        write_tar(root / "hf" / name,
-                  {k: v for d, key in enumerate(keys) for k, v in _sample(key, 500 + 10 * s + d).items()})
-        mini += [f"{name}/{k}" for k in keys]
-    for s in range(yfcc_shards):
-        name = f"yfcc100m_{s:06d}.tar"
-        keys = [f"{7000 + 10 * s + d}" for d in range(distractors_per_shard + 1)]
-        write_tar(root / "server" / "yfcc100m" / name,
-                  {k: v for d, key in enumerate(keys) for k, v in _sample(key, 800 + 10 * s + d).items()})
-        yfcc += [f"{name}/{k}" for k in keys]
-    ids = root / "server" / "image_ids"
-    ids.mkdir(parents=True)
-    (ids / "image_query_ids.txt").write_text("".join(f"{q},0.1\n" for q in queries))
-    (ids / "text_query_ids.txt").write_text("".join(f"{t}\n" for t in texts))
-    (ids / "positive_ids.txt").write_text("".join(f"{p},0.2,10\n" for p in positives))
-    return {"queries": queries, "positives": positives, "texts": texts, "mini": mini, "yfcc": yfcc}
-
-
-INQUIRE_QUERIES = [("3", "a red bird on a branch"), ("4", "the cat of the photo")]
-# the validation split's query: a non-ASCII letter and stray spaces, as in the official CSVs
-INQUIRE_VAL_QUERIES = [("9", "Hübner's  Wasp Moth mating ")]
-
-
-def make_inquire(root: Path, images_per_class: int = 4, dim: int = 24) -> dict:
-    """INQUIRE Fullrank CSVs (both splits; the official files carry a leading index column), an
-    iNat24 image folder and a clip-retrieval folder of the same pool under ``root``
-    (= data_root/inquire); returns the pool ids, the test split's ground truth (``truth``) and
-    the validation split's (``val_truth``)."""
-    import pandas as pd
-    root.mkdir(parents=True, exist_ok=True)
-    for name, queries in (("test", INQUIRE_QUERIES), ("val", INQUIRE_VAL_QUERIES)):
-        pd.DataFrame({"query_id": [int(q) for q, _ in queries],
-                      "query_text": [t for _, t in queries],
-                      "supercategory": ["Context", "Behavior"][:len(queries)],
-                      "category": ["x", "y"][:len(queries)],
-                      "iconic_group": ["Birds", "Mammals"][:len(queries)]}).to_csv(
-            root / f"inquire_queries_{name}.csv")
-    pool = []
-    for c, cls in enumerate(["00001_Animalia_Aves_a", "00002_Animalia_Mammalia_b"]):
-        for i in range(images_per_class):
-            rel = f"train/{cls}/{c:02d}-{i:04d}-uuid.jpg"
-            path = root / "inat24" / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(jpeg_bytes(100 + 10 * c + i))
-            pool.append(rel)
-    truth = {"3": pool[:2], "4": [pool[images_per_class]]}
-    val_truth = {"9": pool[images_per_class:]}
-    rows = [(int(q), n, p) for q, ps in {**truth, **val_truth}.items() for n, p in enumerate(ps)]
-    rows.append((9, 99, val_truth["9"][0]))  # an image annotated twice counts once
-    pd.DataFrame(rows, columns=["query_id", "image_id", "image_path"]).to_csv(
-        root / "inquire_annotations.csv", index=False)
-    emb = root / "embeddings" / "vit-b-16"  # named as INQUIRE names its OpenAI ViT-B/16 folder
-    rng = np.random.default_rng(0)
-    (emb / "img_emb").mkdir(parents=True)
-    (emb / "metadata").mkdir()
-    halves = [pool[:3], pool[3:]]
-    vectors = []
-    for n, part in enumerate(halves):
-        v = (rng.standard_normal((len(part), dim)) * 3).astype(np.float16)
-        np.save(emb / "img_emb" / f"img_emb_{n}.npy", v)
-        pd.DataFrame({"image_path": [p[:-4] for p in part]}).to_parquet(
-            emb / "metadata" / f"metadata_{n}.parquet")
-        vectors.append(v)
-    return {"pool": pool, "truth": truth, "val_truth": val_truth, "precomputed": str(emb),
-            "vectors": np.concatenate(vectors).astype(np.float32)}
-
-
-# Fullrank's queries "9" (validation; here in decomposed Unicode, other case and spacing) and
-# "3" (test): Rerank's split need not follow Fullrank's, and its texts are matched loosely
-RERANK_QUERIES = ["hu\u0308bner's wasp moth Mating", "a red bird on a branch"]
-
-
-def make_rerank(path: Path, candidates: int = 5) -> dict:
-    """An INQUIRE-Rerank split as parquet with the real column names and embedded images; the
-    two queries share one candidate image (ids repeat across queries, as in the benchmark).
-    Their relevant candidates (3 and 2) are at most their positives in :func:`make_inquire`'s
-    annotations (4 and 2)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    rows = {k: [] for k in ("image", "query", "relevant", "clip_score", "inat24_image_id",
-                            "inat24_file_name", "supercategory", "category", "iconic_group")}
-    expected = {}
-    for qn, query in enumerate(RERANK_QUERIES):
-        ids = [1000 + qn * (candidates - 1) + c for c in range(candidates)]
-        relevant = [ids[c] for c in range(candidates) if (c + qn) % 2 == 0]
-        expected[query] = ([str(i) for i in ids], [str(i) for i in relevant])
-        for c, image_id in enumerate(ids):
-            rows["image"].append({"bytes": jpeg_bytes(image_id), "path": f"{image_id}.jpg"})
-            rows["query"].append(query)
-            rows["relevant"].append(int(image_id in relevant))
-            rows["clip_score"].append(float(1 - c / 10))
-            rows["inat24_image_id"].append(image_id)
-            rows["inat24_file_name"].append(f"train/x/{image_id}.jpg")
-            rows["supercategory"].append("Context")
-            rows["category"].append("c")
-            rows["iconic_group"].append("Birds")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(rows), path, row_group_size=3)
-    return expected
-
-
-def make_collections(root: Path) -> dict:
-    """MS-COCO captions, a CC12M-style shard and the UnED list under ``root`` (= data_root)."""
-    coco = root / "coco"
-    (coco / "train2017").mkdir(parents=True)
-    (coco / "annotations").mkdir()
-    images, annotations = [], []
-    for i in range(8):
-        name = f"{i + 1:012d}.jpg"
-        (coco / "train2017" / name).write_bytes(jpeg_bytes(300 + i))
-        images.append({"id": i + 1, "file_name": name, "height": 18, "width": 24})
-        for c in range(2):
-            annotations.append({"id": 100 + 2 * i + c, "image_id": i + 1,
-                                "caption": f"{WORDS[(i + c) % 9]} {WORDS[(i + 3) % 9]} photo"})
-    (coco / "annotations" / "captions_train2017.json").write_text(
-        json.dumps({"images": images[::-1], "annotations": annotations}))
-    members = {}
-    for i in range(6):
-        members[f"{i:09d}.jpg"] = jpeg_bytes(400 + i)
-        members[f"{i:09d}.txt"] = f"the {WORDS[i]} bird".encode()
-    write_tar(root / "cc12m" / "cc12m-train-0000.tar", members)
-    uned = root / "uned"
-    lines = []
-    for i in range(12):
-        rel = f"dom{i % 2}/cls{i % 3}/{i}.jpg"
-        (uned / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
-        (uned / "images" / rel).write_bytes(jpeg_bytes(500 + i))
-        lines.append(f"{rel},{i % 3},{i % 2}")
-    (uned / "uned_paths_1M.txt").write_text("\n".join(lines) + "\n")
-    return {"coco_images": 8, "coco_captions": 16, "cc12m": 6, "uned": 12}
 
 
 # ----------------------------------------------------------------------------- tests
 
 
 def test_tar_index_reads_every_member_by_offset(tmp_path):
-    members = {**_sample("inst/pos/P000_00", 1), "inst/pos/P000_01.jpg": jpeg_bytes(2),
+    members = {**shard_sample("inst/pos/P000_00", 1), "inst/pos/P000_01.jpg": jpeg_bytes(2),
                "other.tar.gz.note": b"x"}
     tar = write_tar(tmp_path / "s.tar", members)
     samples = read_tar_samples(tar)
@@ -228,7 +38,7 @@ def test_tar_index_reads_every_member_by_offset(tmp_path):
 
 
 def test_truncated_shard_is_refused(tmp_path):
-    tar = write_tar(tmp_path / "s.tar", {**_sample("k1", 1), **_sample("k2", 2)})
+    tar = write_tar(tmp_path / "s.tar", {**shard_sample("k1", 1), **shard_sample("k2", 2)})
     data = tar.read_bytes()
     last = read_tar_samples(tar)["k2"]["download_url.txt"]
     for cut in (last.offset + 3, last.offset - 512, last.offset + last.size):

@@ -12,7 +12,7 @@ from quari import backbones
 from quari.backbones import ilias_transform, load_backbone
 from quari.embedding_cache import SKIPPED, embed_images, embed_texts, main, read_items_tsv
 from quari.store import MANIFEST, embedding_set_meta, load_embedding_set
-from tests.test_backbones import save_tiny_siglip
+from tests.builders import save_tiny_siglip
 
 Image = pytest.importorskip("PIL.Image")
 

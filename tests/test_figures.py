@@ -14,9 +14,8 @@ from quari.reporting.figures import (TsnePanel, _coincident_groups, _LabelLayout
 from quari.reporting.tables import DISPLAY_NAME
 from quari.transform import QueryTransform
 
-from .conftest import ROOT
+from tests.builders import PAPER
 
-PAPER = pd.read_csv(ROOT / "workflow/resources/paper_numbers.csv")
 
 
 def rerank_eval(method, method_type, benchmark, ap, ms):

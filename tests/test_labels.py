@@ -3,7 +3,7 @@
 from quari.quari_method import QuARIMethod
 from quari.reporting.tables import evaluation_rows, write_table
 
-from .test_tables import PAPER, evaluation
+from tests.builders import PAPER, evaluation
 
 
 def test_quari_size_is_told_when_it_is_not_the_papers():

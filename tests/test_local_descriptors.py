@@ -13,53 +13,17 @@ import torch
 from PIL import Image
 
 from baselines.local_features.rerankers import ChamferReranker
-from baselines.local_features.ames_network import AMESDetector
 from baselines.local_features.descriptors import (DinoLocalExtractor, LocalDescriptorConfig,
                                      extract_local_descriptors, main)
 from baselines.local_features.matching import (chamfer_similarity, load_local_descriptors,
                                   save_local_descriptors)
 from quari.store import NpzFormatError
+from tests.builders import PATCH, tiny_detector, tiny_dinov2
 
-PATCH = 4
 RESOLUTION = 32
 #: (width, height) of the generated images: landscape, portrait (its short side ends mid-patch,
 #: so some padded patches must be dropped) and square
 SIZES = {"a": (40, 30), "b": (23, 50), "c": (64, 64), "d": (37, 21)}
-
-
-def tiny_dinov2(path, registers=0):
-    from transformers import (Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig,
-                              Dinov2WithRegistersModel)
-    torch.manual_seed(0)
-    kwargs = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                  patch_size=PATCH, image_size=16)
-    if registers:
-        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers,
-                                                                   **kwargs))
-    else:
-        model = Dinov2Model(Dinov2Config(**kwargs))
-    # layer norms start at weight 1, bias 0, which gives every output token the same norm; a
-    # trained model's do not (and ties would make the top-n ambiguous)
-    for module in model.modules():
-        if isinstance(module, torch.nn.LayerNorm):
-            module.weight.data = 1 + 0.5 * torch.randn_like(module.weight)
-            module.bias.data = 0.5 * torch.randn_like(module.bias)
-    model.save_pretrained(path)
-    return str(path)
-
-
-def tiny_detector(path, dim=32):
-    """A random AMES detector (non-trivial batch-norm statistics) saved as the official one is:
-    its state dict under 'state'."""
-    torch.manual_seed(1)
-    detector = AMESDetector(dim)
-    with torch.no_grad():
-        detector.bn.running_mean.normal_()
-        detector.bn.running_var.uniform_(0.5, 2.0)
-        detector.bn.weight.normal_()
-        detector.bn.bias.normal_()
-    torch.save({"state": detector.state_dict()}, path)
-    return str(path)
 
 
 def detector_equations(tokens, path):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from quari.losses import (contrastive_loss_from_logits, directional_losses_from_logits,
                           symmetric_contrastive_loss)
-from .test_scoring import VARIANTS, random_transform
+from tests.builders import VARIANTS, random_transform
 
 TAU = 0.07
 

@@ -10,7 +10,7 @@ from baselines.local_features.matching import save_local_descriptors
 from quari.methods import RetrievalMethod
 from quari.mining import mine_semipositives
 
-from .conftest import random_collection
+from tests.builders import random_collection
 
 DIM = 16
 
@@ -45,7 +45,7 @@ def fit_context(name, tmp_path, rng, query_ids, train):
                 "query_local_descriptors": str(tmp_path / "q_local.npz"),
                 "gallery_ids": train.images.ids}
     if name == "quari_released":  # the registry entry its checkpoint is checked against
-        from .test_quari_released import tiny_backbone
+        from tests.builders import tiny_backbone
         return {"backbone": tiny_backbone(dim=DIM)}
     if name == "vlm_reranker":
         from PIL import Image
@@ -61,14 +61,14 @@ def fit_context(name, tmp_path, rng, query_ids, train):
 def constructor_params(name, tmp_path):
     """FAST_PARAMS, plus a tiny local model for methods that load a pretrained one."""
     if name == "vlm_reranker":
-        from .test_vlm_reranker import build_tiny_llava
+        from tests.builders import build_tiny_llava
         return {"model": "llava_1.5_13b", "path": build_tiny_llava(tmp_path / "tiny_llava")}
     if name == "quari_released":  # a tiny random checkpoint in the authors' layout
-        from .test_quari_released import save_tiny_release, tiny_backbone
+        from tests.builders import save_tiny_release, tiny_backbone
         _, directory = save_tiny_release(tmp_path / "release", dim=DIM)
         return {"checkpoint": {tiny_backbone(dim=DIM).name: str(directory)}}
     if name == "ames":  # a tiny random network in the official checkpoint layout (8-dim descriptors)
-        from .test_ames import save_tiny_ames_checkpoint
+        from tests.builders import save_tiny_ames_checkpoint
         return {"checkpoint": save_tiny_ames_checkpoint(tmp_path / "ames.pt")}
     return FAST_PARAMS.get(name, {})
 

@@ -14,10 +14,6 @@
 """
 
 import json
-import os
-import re
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -28,60 +24,19 @@ import torch
 import yaml
 
 from quari.store import load_embedding_set, load_positives
-from tests.test_backbones import save_tiny_clip, save_tiny_siglip
-from tests.test_data_formats import (RERANK_QUERIES, make_collections, make_ilias, make_inquire,
-                                     make_rerank)
-from tests.test_ames import save_tiny_ames_checkpoint
-from tests.test_local_descriptors import tiny_detector, tiny_dinov2
-from tests.test_vlm_reranker import build_tiny_llava
+from tests.builders import save_tiny_clip, save_tiny_siglip
+from tests.builders import RERANK_QUERIES, make_collections, make_ilias, make_inquire, make_rerank
+from tests.builders import save_tiny_ames_checkpoint
+from tests.builders import tiny_detector, tiny_dinov2
+from tests.builders import build_tiny_llava
+from tests.builders import scheduled_inputs, scheduled_jobs, snakemake, tiny_real_config
+from tests.builders import PAPER_CSV, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).parent / "snakemake"
-PAPER = ROOT / "workflow" / "resources" / "paper_numbers.csv"
-
-
-def snakemake(workdir, *args, timeout=900):
-    cmd = [str(SNAKEMAKE), "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--cores", "2", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-
-def scheduled_jobs(output: str) -> dict[str, list[str]]:
-    """``{rule: [first output of each job]}`` from a dry run's job listing."""
-    jobs: dict[str, list[str]] = {}
-    rule = None
-    for line in output.splitlines():
-        match = re.match(r"^(?:local)?rule (\w+):", line.strip())
-        if match:
-            rule = match.group(1)
-            continue
-        if rule and line.strip().startswith("output:"):
-            jobs.setdefault(rule, []).append(line.split(":", 1)[1].split(",")[0].strip())
-            rule = None
-    return jobs
-
-
-def scheduled_inputs(output: str, rule_name: str) -> dict[str, list[str]]:
-    """``{first output: inputs}`` of every job of ``rule_name`` in a dry run's job listing."""
-    jobs: dict[str, list[str]] = {}
-    rule, inputs = None, []
-    for line in output.splitlines():
-        line = line.strip()
-        match = re.match(r"^(?:local)?rule (\w+):", line)
-        if match:
-            rule, inputs = match.group(1), []
-        elif rule == rule_name and line.startswith("input:"):
-            inputs = [i.strip() for i in line.split(":", 1)[1].split(",")]
-        elif rule == rule_name and line.startswith("output:"):
-            jobs[line.split(":", 1)[1].split(",")[0].strip()] = inputs
-            rule = None
-    return jobs
 
 
 def required_evaluations() -> set[str]:
     """Evaluation files the paper's Tables 1a, 1b and 2 need, read off paper_numbers.csv."""
-    paper = pd.read_csv(PAPER)
+    paper = pd.read_csv(PAPER_CSV)
     needed = set()
     for _, row in paper[paper["table"].isin(["1a", "1b", "2"])].iterrows():
         method = {"backbone": "identity"}.get(row["method"], row["method"])
@@ -96,14 +51,14 @@ def required_evaluations() -> set[str]:
 def table_3b_open_vlms() -> set[str]:
     """Table 3b's VLM rows of paper_numbers.csv that an open model runs (not VILA, not GPT)."""
     from baselines.vlm.scorer import list_vlms
-    paper = pd.read_csv(PAPER)
+    paper = pd.read_csv(PAPER_CSV)
     rows = set(paper[paper["table"] == "3b"]["method"])
     return {m for m in rows if m in list_vlms()}
 
 
 def table_3_reranker_evaluations() -> set[str]:
     """Evaluation files of Table 3a's local-feature rows and Table 3b's open-VLM rows."""
-    paper = pd.read_csv(PAPER)
+    paper = pd.read_csv(PAPER_CSV)
     local = set(paper[paper["table"] == "3a"]["method"]) & {"chamfer", "spatial_verification",
                                                              "ames"}
     return ({f"results/eval/ilias/siglip-vit-l16@384/{m}.json" for m in local}
@@ -193,71 +148,6 @@ def test_paper_config_schedules_the_whole_matrix(tmp_path):
 # ----------------------------------------------------------------------------- a real run
 
 
-TINY_SIZES = {"patch_size": 8, "train_resolution": 32, "test_resolution": 40}
-
-
-def tiny_real_config(data_root: Path, models: Path, precomputed: str) -> dict:
-    both = ["tiny-clip", "tiny-siglip"]
-    return {
-        "run_id": "tiny-real",
-        "data": "real",
-        "device": "cpu",
-        "real": {
-            "data_root": str(data_root),
-            "download": False,
-            "embedding": {"batch_size": 4, "num_workers": 0, "shard_rows": 5},
-            "models": {
-                "tiny-clip": {"path": str(models / "clip"), "like": "clip-vit-b16@224",
-                              "embed_dim": 24, **TINY_SIZES},
-                "tiny-siglip": {"path": str(models / "siglip"), "like": "siglip2-vit-b16@512",
-                                "embed_dim": 32, **TINY_SIZES},
-            },
-            "ilias": {"mini_shards": 2, "yfcc_shards": 2},
-            # one job per YFCC / mini-ILIAS shard, the iNat24 pool in two slices
-            "fan_out": {"ilias_yfcc_shards_per_job": 1, "ilias_mini_shards_per_job": 1,
-                        "inquire_pool_jobs": 2},
-            "local_descriptors": {"model": str(models / "dinov2"), "resolution": 32,
-                                  "query_descriptors": 12, "database_descriptors": 6,
-                                  "batch_size": 2, "num_workers": 0, "shortlist_margin": 2,
-                                  "saliency": "ames_detector",
-                                  "detector": str(models / "ames_detector.pt")},
-            "inquire": {"split": "test", "precomputed": {"tiny-clip": precomputed}},
-            "collections": {"coco": {"format": "coco", "max_images": 6},
-                            "cc12m": {"format": "webdataset"},
-                            "uned": {"format": "uned"}},
-            "training_sets": {"captions": ["coco", "cc12m"], "uned": ["uned"]},
-            "default_training_set": "captions",
-            "valid_fraction": 0.35,  # coco: 4 images, UnED: one (class, domain) pair held out
-        },
-        "evaluations": [
-            {"benchmarks": ["ilias", "ilias_mini", "inquire"], "backbones": both,
-             "methods": ["identity", "quari"]},
-            {"benchmarks": ["ilias"], "backbones": ["tiny-siglip"],
-             "methods": ["linear_adaptation", "quari_uned"]},
-            {"benchmarks": ["inquire_rerank"], "backbones": ["tiny-siglip"],
-             "methods": ["identity", "quari", "llava_1.5_13b"]},
-            {"benchmarks": ["ilias"], "backbones": ["tiny-siglip"],   # Table 3a, local features
-             "methods": ["chamfer", "spatial_verification", "ames"]},
-        ],
-        "backbones": both,
-        "evaluation": {"ilias": {"k": 10, "rerank_shortlist": 8}, "inquire": {"k": 5}},
-        "mining": {"k": 3},
-        "methods": {"identity": {}, "quari": {},
-                    "linear_adaptation": {"epochs": 1, "training_set": "uned"},
-                    "quari_uned": {"type": "quari", "training_set": "uned",
-                                   "image_query_fraction": 1.0},
-                    "chamfer": {}, "spatial_verification": {"iterations": 50},
-                    "ames": {"checkpoint": str(models / "ames.pt")},
-                    "llava_1.5_13b": {"type": "vlm_reranker", "model": "llava_1.5_13b",
-                                      "path": str(models / "llava"), "batch_size": 5}},
-        "quari": {"model": {"hidden_dim": 16, "nhead": 2, "num_layers": 1, "num_steps": 1, "rank": 4},
-                  "train": {"max_steps": 3, "batch_size": 4, "eval_every": 3},
-                  "image_query_fraction": 0.0},
-        "figures": {"tsne": {"backbone": "tiny-siglip", "distractors": 10},
-                    "cost_accuracy": {"backbone": "tiny-siglip"}},
-    }
-
-
 @pytest.mark.slow
 def test_real_data_dag_end_to_end_on_generated_official_files(tmp_path):
     data = tmp_path / "data"
@@ -287,7 +177,7 @@ def test_real_data_dag_end_to_end_on_generated_official_files(tmp_path):
     res = work / "results"
     from quari.reporting.tables import build_table, evaluation_rows, load_evaluations
     rows = evaluation_rows(load_evaluations([work / e for e in evaluations]))
-    paper = pd.read_csv(PAPER)
+    paper = pd.read_csv(PAPER_CSV)
     for name in ("1", "2", "3"):
         build_table(rows, paper, name).to_csv(res / f"table{name}.csv", index=False)
 

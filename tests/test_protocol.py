@@ -180,7 +180,7 @@ def test_position_embeddings_are_resampled_as_timm_does(kind, tmp_path):
     input size; transformers' own interpolate_pos_encoding uses the plain bicubic kernel, which
     gives other values at every size but the native one, growing or shrinking."""
     timm = pytest.importorskip("timm")
-    from tests.test_backbones import save_tiny_clip, save_tiny_siglip
+    from tests.builders import save_tiny_clip, save_tiny_siglip
     from quari.backbones import load_backbone
     if kind == "siglip":
         info = save_tiny_siglip(tmp_path)

@@ -2,7 +2,6 @@
 loading a tiny random checkpoint saved in the authors' layout (config.yml + weights.pt), from a
 local folder and through a hub download faked offline."""
 
-import dataclasses
 
 import pytest
 import torch
@@ -12,7 +11,8 @@ import yaml
 from baselines.quari_released import (ReleasedQuARI, check_fits, download_release, release_for,
                                       released_backbones)
 from quari.backbones import get_backbone
-from tests.test_checkpoint import HPARAMS, ReleasedHypernetwork, write_released
+from tests.builders import HPARAMS
+from tests.builders import save_tiny_release, tiny_backbone
 
 # mvrl/QuARI download_ckpts.py, MODEL_REPO_MAP (lines 4-9): local name -> hub repository; the
 # local name is the extractor's hub id without its organisation
@@ -39,28 +39,6 @@ def test_each_release_fits_the_backbone_of_its_extractor():
         release_for(get_backbone("clip-vit-l14@336"))
     with pytest.raises(ValueError, match="no released QuARI checkpoint"):
         release_for(get_backbone("siglip-vit-l16@384"))
-
-
-def save_tiny_release(directory, extractor="google/siglip2-base-patch16-512", seed=0,
-                      dim=HPARAMS["embedding_dim"]):
-    """A tiny random checkpoint in the authors' layout (config.yml with hparams and
-    feature_extractor, weights.pt a state dict of their module), trained (says its config) on
-    ``extractor``; returns (the authors' module, the folder)."""
-    hparams = {**HPARAMS, "embedding_dim": dim}
-    torch.manual_seed(seed)
-    reference = ReleasedHypernetwork(**hparams).eval()
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    directory = write_released(directory, reference, hparams)
-    (directory / "config.yml").write_text(yaml.safe_dump(
-        {"hparams": hparams, "feature_extractor": extractor}))
-    return reference, directory
-
-
-def tiny_backbone(name="siglip2-vit-b16@512", dim=HPARAMS["embedding_dim"]):
-    """A registry entry of ``name`` with a tiny embedding width."""
-    return dataclasses.replace(get_backbone(name), embed_dim=dim)
 
 
 _tiny = tiny_backbone

@@ -7,7 +7,7 @@ from collections import Counter
 import yaml
 
 from baselines.quari_released import released_backbones
-from tests.test_paper_workflow import ROOT, scheduled_inputs, scheduled_jobs, snakemake
+from tests.builders import ROOT, scheduled_inputs, scheduled_jobs, snakemake
 
 QUICK = ROOT / "workflow/config/quick.yaml"
 PAPER = ROOT / "workflow/config/paper.yaml"

@@ -107,16 +107,16 @@ def _variants():
 
     from quari.mining import mine_semipositives
     from quari.training import make_training_data
-    from tests.test_training import DIM, toy_data
+    from tests.builders import TOY_DIM, toy_data
     base = toy_data(0)
     fewer = toy_data(0, images=36)  # a collection's max_images lowered
     other_model = toy_data(0, noise=0.31)  # same ids and sizes, other embeddings
     rng = np.random.default_rng(0)
-    img = rng.standard_normal((40, DIM)).astype(np.float32)
+    img = rng.standard_normal((40, TOY_DIM)).astype(np.float32)
     img /= np.linalg.norm(img, axis=1, keepdims=True)
     pair = np.repeat(np.arange(40), 2)
     ids = [f"im{i}" for i in pair]
-    cap = img[pair] + 0.3 * rng.standard_normal((80, DIM)).astype(np.float32)
+    cap = img[pair] + 0.3 * rng.standard_normal((80, TOY_DIM)).astype(np.float32)
     cap /= np.linalg.norm(cap, axis=1, keepdims=True)
     other_semi = make_training_data(img[pair], ids, cap, np.arange(80),
                                     mine_semipositives(img[pair], ids, k=10, top_n=1,
@@ -131,7 +131,7 @@ def test_a_checkpoint_of_other_training_data_is_not_resumed(tmp_path, change, ca
     import torch
 
     from quari.training import CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE, train
-    from tests.test_training import tiny_model, tiny_train, toy_data, weights_equal
+    from tests.builders import tiny_model, tiny_train, toy_data, weights_equal
     torch.set_num_threads(1)
     base, changed = _variants()
     valid, new_valid = toy_data(5, images=10), toy_data(6, images=10)
@@ -155,7 +155,7 @@ def test_a_checkpoint_of_other_training_data_is_not_resumed(tmp_path, change, ca
 
 def test_a_changed_training_setting_names_the_checkpoint_to_delete(tmp_path):
     from quari.training import CHECKPOINT_FILE, train
-    from tests.test_training import tiny_model, tiny_train, toy_data
+    from tests.builders import tiny_model, tiny_train, toy_data
     data = toy_data(0)
     train(tiny_train(max_steps=2), tiny_model(), data, checkpoint_dir=tmp_path, progress=False)
     for cfg, model in ((tiny_train(max_steps=2, lr_max=1e-2), tiny_model()),
@@ -243,7 +243,7 @@ def test_a_second_writer_of_an_embedding_set_fails_naming_the_folder(tmp_path, o
 def test_a_second_training_on_one_checkpoint_folder_fails(tmp_path, other_writer):
     from quari.store import CacheBusyError
     from quari.training import train
-    from tests.test_training import tiny_model, tiny_train, toy_data
+    from tests.builders import tiny_model, tiny_train, toy_data
     other_writer(tmp_path / "work")
     with pytest.raises(CacheBusyError, match="training checkpoint"):
         train(tiny_train(max_steps=1), tiny_model(), toy_data(0), checkpoint_dir=tmp_path / "work",
@@ -338,7 +338,7 @@ def test_numbers_in_exponent_notation_are_numbers():
     import yaml
 
     from quari.config import validate_config
-    from tests.test_workflow import TINY
+    from tests.builders import TINY
     text = yaml.safe_dump(TINY) + "\n"
     config = yaml.safe_load(text)
     # what a user writes; YAML 1.1 (PyYAML, Snakemake) reads "1e-3" without a dot as a string
@@ -391,7 +391,7 @@ def test_parameters_are_checked_against_the_code_that_takes_them():
 def test_bad_method_entries_and_training_settings_fail_at_load_naming_each_key(tmp_path):
     import yaml
 
-    from tests.test_workflow import TINY, snakemake
+    from tests.builders import TINY, snakemake
     methods = {"identity": {}, "la": {"type": "linear_adaptation", "epoch": 2},
                "quari": {"model": {"rnk": 4}},
                "q2": {"type": "quari", "train": {"batch_size": "big"}}}
@@ -411,7 +411,7 @@ def test_bad_method_entries_and_training_settings_fail_at_load_naming_each_key(t
 def test_zero_epochs_of_linear_adaptation_fail_at_load(tmp_path):
     import yaml
 
-    from tests.test_workflow import TINY, snakemake
+    from tests.builders import TINY, snakemake
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump({**TINY, "methods": {"linear_adaptation": {"epochs": 0}}}))
     run = snakemake(tmp_path, "-n", "--configfile", str(config), "--replace-workflow-config")
@@ -489,7 +489,7 @@ def test_a_dropped_query_is_a_footnote_in_the_table(tmp_path):
     import pandas as pd
 
     from quari.reporting.tables import evaluation_rows, write_table
-    from tests.test_tables import evaluation
+    from tests.builders import evaluation
     paper = pd.read_csv(Path(__file__).resolve().parents[1] / "workflow/resources/paper_numbers.csv")
     ev = evaluation("quari", "quari", "siglip-vit-l16@384")
     ev["dropped"] = {"image_queries": {"requested": 1232, "dropped": 3},
@@ -511,7 +511,7 @@ def test_a_dropped_query_is_a_footnote_in_the_table(tmp_path):
 def test_a_backbone_override_of_the_wrong_type_fails_at_load(tmp_path):
     import yaml
 
-    from tests.test_workflow import snakemake
+    from tests.builders import snakemake
     root = Path(__file__).resolve().parents[1]
     config = yaml.safe_load((root / "workflow/config/paper.yaml").read_text())
     config["real"]["models"] = {"my-clip": {"like": "clip-vit-l14", "embed_dim": "768"}}

@@ -11,6 +11,7 @@ from baselines.local_features.rerankers import ChamferReranker, SpatialVerificat
 from baselines.local_features.matching import (chamfer_similarities, chamfer_similarity,
                                                ransac_inliers, save_local_descriptors,
                                                spatial_verification, tentative_matches)
+from tests.builders import reads_only_candidates
 
 
 def unit(x):
@@ -227,44 +228,6 @@ def test_local_reranker_needs_gallery_ids(local_world):
     got = method.rerank(gallery[:1], gallery, np.array([[0, 1, 2]]), query_ids=["q0"])
     assert got[0, 1].item() == -np.inf  # ranked last, logged, not fatal
     assert torch.equal(got[0, [0, 2]], ref[0])
-
-
-class RowsRead:
-    """Stands in for a descriptor array: records which image rows are read, one at a time, and
-    fails if anything reads more than one row at once or the whole array."""
-
-    def __init__(self, array):
-        self.array, self.shape, self.dtype = array, array.shape, array.dtype
-        self.rows: set[int] = set()
-
-    def __len__(self):
-        return len(self.array)
-
-    def __getitem__(self, index):
-        row = index[0] if isinstance(index, tuple) else index
-        if not isinstance(row, (int, np.integer)):
-            raise AssertionError(f"more than one image read at once: {index!r}")
-        self.rows.add(int(row))
-        return self.array[index]
-
-    def __array__(self, *args, **kwargs):
-        raise AssertionError("the whole descriptor array was read")
-
-
-def reads_only_candidates(method, run, gallery_ids, shortlist):
-    """Run ``run()`` with the method's database arrays wrapped in RowsRead; check that only the
-    file rows of shortlisted images were read, and return run()'s result."""
-    db = method.database_
-    db.descriptors, db.xy = RowsRead(db.descriptors), RowsRead(db.xy)
-    try:
-        result = run()
-        wanted = {db.row_of[gallery_ids[r]] for r in np.ravel(shortlist)
-                  if gallery_ids[r] in db.row_of}
-        assert db.descriptors.rows <= wanted and db.descriptors.rows
-        assert db.xy.rows <= wanted
-    finally:
-        db.descriptors, db.xy = db.descriptors.array, db.xy.array
-    return result
 
 
 @pytest.mark.parametrize("cls", [ChamferReranker, SpatialVerificationReranker])

@@ -7,17 +7,7 @@ import torch.nn.functional as F
 
 from quari import scoring
 from quari.transform import QueryTransform
-
-VARIANTS = {"released": (1.0, 0.8), "paper": (0.0, 1.0)}
-
-
-def random_transform(batch, dim, rank, variant, dtype=torch.float64, seed=0):
-    anchor, scale = VARIANTS[variant]
-    g = torch.Generator().manual_seed(seed)
-    query = F.normalize(torch.randn(batch, dim, generator=g, dtype=dtype), dim=-1)
-    left = torch.randn(batch, dim, rank, generator=g, dtype=dtype) / dim ** 0.5
-    right = torch.randn(batch, dim, rank, generator=g, dtype=dtype) / dim ** 0.5
-    return QueryTransform(query=query, left=left, right=right, scale=scale, anchor=anchor)
+from tests.builders import VARIANTS, random_transform
 
 
 def loop_scores(t, gallery):

@@ -7,7 +7,7 @@ from quari.store import (EmbeddingSetWriter, iter_shards, load_embedding_set, lo
                          load_training_collection, save_embedding_set, save_positives,
                          save_training_collection)
 
-from .conftest import random_collection
+from tests.builders import random_collection
 
 
 def test_embedding_set_round_trip_with_shards(tmp_path, rng):

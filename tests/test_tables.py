@@ -12,10 +12,8 @@ from quari import metrics
 from quari.reporting.tables import (ABLATIONS, TABLES, assemble_table, best_possible_metrics, build_table,
                           evaluation_rows, paper_only_rows, size_label, to_markdown, write_table)
 
-from .conftest import ROOT
+from tests.builders import PAPER, PAPER_CSV, evaluation
 
-PAPER_CSV = ROOT / "workflow/resources/paper_numbers.csv"
-PAPER = pd.read_csv(PAPER_CSV)
 TABLE_PARTS = {name: parts for name, (parts, _) in TABLES.items()}
 
 
@@ -27,32 +25,6 @@ def paper_value(table, benchmark, setting, backbone, method, metric):
                     r["metric"]) == (table, benchmark, setting, backbone, method, metric)]
     assert len(hits) == 1, (table, method, setting, backbone, metric)
     return hits[0]
-
-
-def evaluation(method, method_type, backbone, benchmark="ilias", data="real", gallery=100_000_000,
-               i2i=0.1, t2i=0.2, rerank_extra=None, full_pool=None):
-    """An evaluation JSON as the harness writes it; ``full_pool`` (INQUIRE-Rerank only) adds the
-    full-pool scoring entry: its metrics (mAP@50 = ``full_pool["ap"]``) and per-query counts."""
-    search = lambda v, k: {"metrics": {k: v}, "gallery_size": gallery, "ms_per_1k_pairs": 1.0,  # noqa: E731
-                           "shortlist": "all"}
-    rerank = lambda v, k: {"metrics": {k: v}, "shortlist": 1000, "ms_per_1k_pairs": 2.0,  # noqa: E731
-                           **(rerank_extra or {})}
-    tasks = ({"i2i": {"search": search(i2i, "mAP@1k"), "rerank": rerank(i2i, "mAP@1k")},
-              "t2i": {"search": search(t2i, "mAP@1k"), "rerank": rerank(t2i, "mAP@1k")}}
-             if benchmark == "ilias" else
-             {"t2i": {"search": {"metrics": {"mAP@50": i2i, "nDCG@50": t2i, "MRR": 0.5},
-                                 "gallery_size": gallery, "ms_per_1k_pairs": 1.0, "shortlist": "all"},
-                      "rerank": {"metrics": {"mAP@50": i2i, "nDCG@50": t2i, "MRR": 0.5},
-                                 "shortlist": 100, "ms_per_1k_pairs": 2.0, "ms_per_100_pairs": 0.2,
-                                 **(rerank_extra or {})}}})
-    if full_pool is not None:
-        tasks["t2i"]["rerank_full_pool"] = {
-            "metrics": {"mAP@50": full_pool["ap"], "nDCG@50": 0.3, "MRR": 0.4}, "k": 50,
-            "shortlist": 100, "ms_per_1k_pairs": 2.0, "ms_per_100_pairs": 0.2,
-            "shortlist_source": "benchmark",
-            **{k: v for k, v in full_pool.items() if k != "ap"}}
-    return {"run_id": "r", "data": data, "benchmark": benchmark, "backbone": backbone,
-            "method": method, "method_type": method_type, "gallery_size": gallery, "tasks": tasks}
 
 
 def test_size_labels():

@@ -9,13 +9,11 @@ import pytest
 import torch
 
 from quari.losses import symmetric_contrastive_loss
-from quari.mining import mine_semipositives
-from quari.model import QuARI, QuARIConfig
+from quari.model import QuARI
 from quari.training import (CHECKPOINT_FILE, HISTORY_FILE, NonFiniteError, TrainConfig,
                             TrainingData, add_modality_gap_noise, make_batch, make_scheduler,
-                            make_training_data, one_step_config, train, validation_loss)
-
-DIM = 16
+                            one_step_config, train, validation_loss)
+from tests.builders import TOY_DIM, tiny_model, tiny_train, toy_data, weights_equal
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,48 +25,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_model(**overrides):
-    fields = dict(embedding_dim=DIM, hidden_dim=32, nhead=2, num_layers=1, num_steps=2, rank=4,
-                  dropout=0.0, token_dropout=0.0)
-    fields.update(overrides)
-    return QuARIConfig(**fields)
-
-
-def tiny_train(**overrides):
-    fields = dict(batch_size=16, max_steps=8, lr_schedule="released", lr_max=3e-3,
-                  use_noise=False, eval_every=4, checkpoint_every=2, device="cpu")
-    fields.update(overrides)
-    return TrainConfig(**fields)
-
-
-def toy_data(seed=0, images=40, captions_per_image=2, noise=0.3):
-    """Captions are noisy copies of their image; several captions share an image id."""
-    rng = np.random.default_rng(seed)
-    img = rng.standard_normal((images, DIM)).astype(np.float32)
-    img /= np.linalg.norm(img, axis=1, keepdims=True)
-    # image rows repeat once per caption, as (image, caption) pairs store them
-    pair_image = np.repeat(np.arange(images), captions_per_image)
-    ids = [f"im{i}" for i in pair_image]
-    cap = img[pair_image] + noise * rng.standard_normal((len(pair_image), DIM)).astype(np.float32)
-    cap /= np.linalg.norm(cap, axis=1, keepdims=True)
-    semi = mine_semipositives(img[pair_image], ids, k=10, top_n=2, progress=False)
-    return make_training_data(img[pair_image], ids, cap, np.arange(len(pair_image)), semi)
-
-
-def weights_equal(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
 def test_make_training_data_deduplicates():
     data = toy_data(images=5, captions_per_image=3)
-    assert len(data) == 15 and data.images.shape == (5, DIM)
+    assert len(data) == 15 and data.images.shape == (5, TOY_DIM)
     np.testing.assert_array_equal(data.targets.numpy(), np.repeat(np.arange(5), 3))
     assert data.semipositives.shape == (15, 2)
     # a query's semi-positives are other images than its target
     assert (data.semipositives != data.targets[:, None]).all()
     with pytest.raises(ValueError):
-        TrainingData(queries=torch.zeros(3, DIM), images=torch.zeros(2, DIM),
+        TrainingData(queries=torch.zeros(3, TOY_DIM), images=torch.zeros(2, TOY_DIM),
                      targets=torch.tensor([0, 1, 2]))
 
 

@@ -16,50 +16,7 @@ from quari import metrics
 from quari.evaluation import RetrievalTask, evaluate_rerank
 from quari.store import EmbeddingSet, l2_normalize
 from baselines.vlm.scorer import INQUIRE_TEMPERATURE, VLMS, answer_token, get_vlm, yes_probability
-
-WORDS = ("USER ASSISTANT Does this picture show Answer the question with either Yes or No and "
-         "nothing else a red fox bird on branch green frog").split() + list(':?."')
-IMAGE_TOKEN = 4
-
-
-def build_tiny_llava(path):
-    """A randomly initialised LLaVA with its processor, saved as a hub checkpoint would be."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor,
-                              PreTrainedTokenizerFast)
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    vocab = {t: i for i, t in enumerate(specials + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(specials)
-    # a BOS first, as Llama's tokenizer does: the benchmark takes "Yes" at index 1
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>", pad_token="<pad>")
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
-                                           crop_size={"height": 16, "width": 16}),
-        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1)
-    torch.manual_seed(0)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                       num_attention_heads=2, image_size=16, patch_size=8),
-        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                max_position_embeddings=256, pad_token_id=3, bos_token_id=1,
-                                eos_token_id=2),
-        image_token_index=IMAGE_TOKEN, vision_feature_layer=-1,
-        vision_feature_select_strategy="default", image_seq_length=4)
-    model = LlavaForConditionalGeneration(config)
-    with torch.no_grad():  # a larger image pathway, so that candidates' scores clearly differ
-        for p in model.model.multi_modal_projector.parameters():
-            p.mul_(8.0)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return str(path)
+from tests.builders import build_tiny_llava
 
 
 @pytest.fixture(scope="module")

@@ -4,17 +4,14 @@ The toy baseline is added exactly as the README tells a user to: one module drop
 ``baselines/`` and one entry under ``methods:``.
 """
 
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from tests.builders import TINY
+from tests.builders import ROOT, SNAKEMAKE, snakemake
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 
 TOY_BASELINE = '''
 """A toy baseline for the workflow test: cosine on the first half of the embedding."""
@@ -28,33 +25,6 @@ class FirstHalf(StaticProjectionMethod):
     def embed(self, x):
         return x[..., : x.shape[-1] // 2]
 '''
-
-TINY = {
-    "run_id": "tiny",
-    "data": "synthetic",
-    "synthetic": {
-        "seed": 3,
-        "world": {"num_categories": 8, "num_train_instances": 120, "num_valid_instances": 24,
-                  "num_eval_instances": 24, "num_distractors": 200, "inquire_num_queries": 6,
-                  "inquire_num_distractors": 150, "groups_per_category": 4},
-        "backbones": {"tiny-a": {"dim": 160, "noise": 0.05}, "tiny-b": {"dim": 192, "noise": 0.03}},
-    },
-    "backbones": ["tiny-a", "tiny-b"],
-    "evaluation": {"ilias": {"k": 100, "rerank_shortlist": 50}, "inquire": {"k": 20}},
-    "mining": {"k": 10},
-    "methods": {"identity": {}, "linear_adaptation": {"epochs": 1}, "quari": {}, "oracle": {},
-                "toy": {"type": "toy_first_half"}},
-    "quari": {"model": {"hidden_dim": 32, "nhead": 2, "num_layers": 1, "num_steps": 2, "rank": 4},
-              "train": {"max_steps": 6, "batch_size": 32, "eval_every": 3}},
-    "figures": {"tsne": {"backbone": "tiny-b", "distractors": 60}, "cost_accuracy": {"backbone": "tiny-b"}},
-}
-
-
-def snakemake(workdir, *args):
-    cmd = [str(SNAKEMAKE), "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--cores", "2", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 @pytest.fixture

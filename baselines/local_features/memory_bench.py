@@ -3,7 +3,7 @@ into memory.
 
     python -m baselines.local_features.memory_bench [--images 20000 --descriptors 100 --dim 768
                                              --queries 10 --query-descriptors 600
-                                             --candidates 1000 --dir /tmp --threads 1]
+                                             --candidates 1000 --dir SCRATCH --threads 1]
 
 Writes a synthetic database file of ``--images`` x ``--descriptors`` x ``--dim`` float16
 descriptors (streamed, as the extractor writes; 20,000 x 100 x 768 is 3.1 GB, in ``--dir``,
