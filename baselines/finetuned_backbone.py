@@ -19,22 +19,20 @@ checkpointed mid-run (``workdir`` receives the per-step history).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from quari import training
 from quari.losses import contrastive_loss_from_logits
 from quari.methods import StaticProjectionMethod
 from quari.mining import SemiPositives
-from quari.quari_method import collection_training_data
+from quari.quari_method import fit_inputs
 from quari.store import TrainingCollection, atomic_write_json
-from quari.training import Batch, TrainConfig, TrainingData, make_batch
+from quari.training import Batch, TrainConfig, TrainingData
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +55,16 @@ def projection_loss(weight: torch.Tensor, batch: Batch, config: TrainConfig) -> 
                                         config.group_positives)
 
 
-@torch.no_grad()
-def projection_validation_loss(weight: torch.Tensor, data: TrainingData, config: TrainConfig
-                               ) -> float:
-    """Mean loss over ``data`` without noise, in the fixed batches QuARI's validation uses."""
-    generator = torch.Generator().manual_seed(training.derived_seed(config.seed, "valid"))
-    order = torch.randperm(len(data), generator=generator)
-    total = 0.0
-    for start in range(0, len(data), config.batch_size):
-        rows = order[start:start + config.batch_size]
-        batch = make_batch(data, rows, weight.device, config.use_semipositives)
-        total += projection_loss(weight, batch, config).item() * len(rows)
-    return total / len(data)
+class Projection(torch.nn.Module):
+    """W = I + delta, E x E; delta starts at zero (the frozen backbone)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.delta = torch.nn.Parameter(torch.zeros(dim, dim))
+        self.register_buffer("eye", torch.eye(dim), persistent=False)
+
+    def weight(self) -> torch.Tensor:
+        return self.eye + self.delta
 
 
 @dataclass
@@ -85,71 +81,22 @@ class ProjectionResult:
 def train_projection(config: TrainConfig, train_data: TrainingData,
                      valid_data: TrainingData | None = None, device: torch.device | str = "cpu",
                      progress: bool = True) -> ProjectionResult:
-    """Fine-tune an E x E projection, from the identity, as :func:`quari.training.train` trains
-    QuARI: the same epochs, batches (cluster-grouped when ``hard_negative_clusters``), noise,
-    gradient accumulation and clipping, AdamW, schedule, validation and early stopping.
+    """Fine-tune an E x E projection, from the identity, in QuARI's own step loop
+    (:class:`quari.training.StepLoop`): the same epochs, batches (cluster-grouped when
+    ``hard_negative_clusters``), noise, gradient accumulation and clipping, AdamW, schedule,
+    validation and early stopping; in float32 (no mixed precision).
     """
     device = torch.device(device)
-    dim = train_data.queries.shape[1]
-    eye = torch.eye(dim, device=device)
-    delta = torch.zeros(dim, dim, device=device, requires_grad=True)  # W = I + delta
-    lr_max, _ = config.learning_rates
-    optimizer = torch.optim.AdamW([delta], lr=lr_max, weight_decay=config.weight_decay)
-    steps = training.total_steps(config, len(train_data))
-    per_epoch = training.steps_per_epoch(config, len(train_data))
-    scheduler = training.make_scheduler(optimizer, config, steps)
-    noise = torch.Generator().manual_seed(training.derived_seed(config.seed, "noise"))
-    clusters = (training.cluster_pairs(train_data, config.hard_negative_clusters, config.seed)
-                if config.hard_negative_clusters else None)
-    history: list[dict] = []
-    best_val, best_step, best_delta, bad_evals, stopped_early = math.inf, None, None, 0, False
-    order, order_epoch = None, -1
-    bar = tqdm(total=steps, desc="fine-tuning the backbone projection", unit="step",
-               disable=not progress)
-    for step in range(1, steps + 1):
-        epoch, position = divmod(step - 1, per_epoch)
-        if epoch != order_epoch:
-            order = training.epoch_order(config.seed, epoch, len(train_data), clusters,
-                                          config.batch_size, config.cluster_batch_fraction)
-            order_epoch = epoch
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for micro in range(config.grad_accum):
-            start = (position * config.grad_accum + micro) * config.batch_size
-            batch = make_batch(train_data, order[start:start + config.batch_size], device,
-                               config.use_semipositives, config.noise_scale,
-                               noise if config.use_noise else None)
-            loss = projection_loss(eye + delta, batch, config)
-            if not torch.isfinite(loss):
-                raise training.NonFiniteError("training loss", step)
-            (loss / config.grad_accum).backward()
-            loss_sum += loss.item()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([delta], config.grad_clip)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        record = {"step": step, "train_loss": loss_sum / config.grad_accum, "val_loss": None,
-                  "lr": lr}
-        if valid_data is not None and (step % config.eval_every == 0 or step == steps):
-            val = projection_validation_loss(eye + delta.detach(), valid_data, config)
-            record["val_loss"] = val
-            if val < best_val:
-                best_val, best_step, best_delta, bad_evals = val, step, delta.detach().clone(), 0
-            else:
-                bad_evals += 1
-            stopped_early = bool(config.early_stopping_patience
-                                 and bad_evals >= config.early_stopping_patience)
-        history.append(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['train_loss']:.4f}", refresh=False)
-        if stopped_early:
-            log.info("early stopping at step %d", step)
-            break
-    bar.close()
-    final = best_delta if best_delta is not None else delta.detach()
-    return ProjectionResult(weight=(eye + final).cpu(), history=history, steps=len(history),
-                            best_step=best_step, stopped_early=stopped_early)
+    projection = Projection(train_data.queries.shape[1]).to(device)
+    loop = training.StepLoop(projection,
+                             lambda batch: projection_loss(projection.weight(), batch, config),
+                             config, train_data, valid_data, device, mixed_precision=False)
+    loop.run(desc="fine-tuning the backbone projection", progress=progress)
+    state = loop.state
+    with torch.no_grad():
+        weight = projection.weight().cpu()
+    return ProjectionResult(weight=weight, history=state.history, steps=state.step,
+                            best_step=state.best_step, stopped_early=state.stopped_early)
 
 
 class FinetunedBackbone(StaticProjectionMethod):
@@ -170,24 +117,12 @@ class FinetunedBackbone(StaticProjectionMethod):
                          device=device)
         self.weight_: torch.Tensor | None = None  # [E, E]; a row x maps to x @ weight_.T
 
-    def _train_config(self) -> TrainConfig:
-        try:
-            return TrainConfig(**{**self.params["train"], "device": str(self.device)})
-        except TypeError as err:
-            raise ValueError(f"finetuned_backbone.train: {err}") from None
-
-    def _data(self, collection: TrainingCollection, seed: int,
-              semipositives: SemiPositives | None) -> TrainingData:
-        return collection_training_data(collection, self.params["image_query_fraction"], seed,
-                                        semipositives)
-
     def fit(self, train: TrainingCollection, valid: TrainingCollection | None = None,
             workdir=None, semipositives: SemiPositives | None = None, **context):
-        config = self._train_config()
-        if config.use_semipositives and semipositives is None:
-            log.warning("no semi-positives given: fine-tuning without them")
-        train_data = self._data(train, config.seed, semipositives)
-        valid_data = self._data(valid, config.seed + 1, None) if valid is not None else None
+        config, train_data, valid_data = fit_inputs(
+            {**self.params["train"], "device": str(self.device)},
+            self.params["image_query_fraction"], train, valid, semipositives,
+            "finetuned_backbone.train")
         result = train_projection(config, train_data, valid_data, self.device)
         self.weight_ = result.weight.to(self.device)
         self.history_ = result.history

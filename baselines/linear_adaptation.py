@@ -5,6 +5,11 @@ bias-free classifier whose weights are L2-normalised, so logits are cosines; a n
 (CosFace with margin 0) loss at scale 16; Adam, lr 1e-3, weight decay 1e-6, batch 128, a few
 epochs, drop-last batches. The same layer is applied to queries and gallery. Trained on the
 training collection's image labels (instances; (class, domain) pairs for UnED).
+
+It keeps its own few-line loop rather than the step loop QuARI and the fine-tuned backbone share
+(:class:`quari.training.StepLoop`): ILIAS's recipe classifies single images into instance labels
+with Adam at a fixed learning rate, without QuARI's training pairs, schedule, noise, clipping or
+validation, so the shared loop would be a different training.
 """
 
 from __future__ import annotations

@@ -287,6 +287,7 @@ def read_items_tsv(path: str | os.PathLike, root: str | os.PathLike | None = Non
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: embed an image list and/or a text-query list with a registered backbone."""
     from quari.backbones import get_backbone, ilias_transform, load_backbone, model_transform
+    from quari.devices import resolve_device
     parser = argparse.ArgumentParser(prog="python -m quari.embedding_cache", description=main.__doc__)
     parser.add_argument("--backbone", required=True, help="registry name (quari.backbones)")
     parser.add_argument("--model-path", help="local model directory or checkpoint")
@@ -300,13 +301,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     args = parser.parse_args(argv)
     if not (args.images or args.texts):
         parser.error("give --images and/or --texts")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     info = get_backbone(args.backbone)
-    encoder = load_backbone(info, path=args.model_path, device=args.device)
+    encoder = load_backbone(info, path=args.model_path, device=resolve_device(args.device))
     out = Path(args.out)
     both = bool(args.images and args.texts)
     meta = {"protocol": args.protocol}

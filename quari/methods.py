@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from quari import scoring
+from quari.devices import resolve_device
 from quari.scoring import merge_topk, read_rows
 from quari.store import TrainingCollection, atomic_write_json
 
@@ -73,8 +74,7 @@ class RetrievalMethod(ABC):
 
     def __init__(self, **params: Any):
         self.params = dict(params)
-        self.device = torch.device(params.get("device") or
-                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(params.get("device"))
 
     def model_size(self) -> str:
         """The size of this method's model, as the tables print it beside the row's name when it

@@ -84,6 +84,25 @@ def collection_training_data(collection: TrainingCollection, image_query_fractio
                               image_labels=collection.image_labels)
 
 
+def fit_inputs(train_params: dict, image_query_fraction: float, train: TrainingCollection,
+               valid: TrainingCollection | None, semipositives: SemiPositives | None, where: str
+               ) -> tuple[TrainConfig, TrainingData, TrainingData | None]:
+    """The :class:`~quari.training.TrainConfig` of ``train_params`` and QuARI's training and
+    validation data (:func:`collection_training_data`; validation pairs drawn with seed + 1 and
+    without semi-positives): what QuARI and the fine-tuned backbone both train on. ``where``
+    names the configuration entry in errors."""
+    try:
+        config = TrainConfig(**train_params)
+    except TypeError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if config.use_semipositives and semipositives is None:
+        log.warning("%s: no semi-positives given: training without them", where)
+    train_data = collection_training_data(train, image_query_fraction, config.seed, semipositives)
+    valid_data = (collection_training_data(valid, image_query_fraction, config.seed + 1)
+                  if valid is not None else None)
+    return config, train_data, valid_data
+
+
 class QuARIMethod(TransformMethod):
     """QuARI: a per-query low-rank map of the gallery and an adapted query."""
 
@@ -110,30 +129,15 @@ class QuARIMethod(TransformMethod):
         smaller = all(size[k] <= paper[k] for k in paper)
         return text + ("; CPU-size" if smaller else "")
 
-    def _train_config(self) -> TrainConfig:
-        cfg = dict(self.params["train"])
-        cfg.setdefault("device", str(self.device))
-        try:
-            return TrainConfig(**cfg)
-        except TypeError as err:
-            raise ValueError(f"quari.train: {err}") from None
-
-    def _data(self, collection: TrainingCollection, seed: int,
-              semipositives: SemiPositives | None) -> TrainingData:
-        return collection_training_data(collection, self.params["image_query_fraction"], seed,
-                                        semipositives)
-
     def fit(self, train: TrainingCollection, valid: TrainingCollection | None = None,
             workdir=None, semipositives: SemiPositives | None = None, **context):
         try:
             model_config = QuARIConfig(embedding_dim=train.dim, **self.params["model"])
         except TypeError as err:
             raise ValueError(f"quari.model: {err}") from None
-        config = self._train_config()
-        if config.use_semipositives and semipositives is None:
-            log.warning("no semi-positives given: training without them")
-        train_data = self._data(train, config.seed, semipositives)
-        valid_data = self._data(valid, config.seed + 1, None) if valid is not None else None
+        config, train_data, valid_data = fit_inputs(
+            {"device": str(self.device), **self.params["train"]},
+            self.params["image_query_fraction"], train, valid, semipositives, "quari.train")
         log.info("QuARI %s: %d training pairs (%d distinct images), %d validation pairs, %s params",
                  model_config.variant, len(train_data), len(train_data.images),
                  0 if valid_data is None else len(valid_data), f"{QuARI(model_config).num_parameters():,}")

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from quari.losses import symmetric_contrastive_loss
 from quari.mining import SemiPositives, dedupe_images
+from quari.devices import resolve_device
 from quari.model import QuARI, QuARIConfig
 from quari.store import FolderLock, atomic_write, atomic_write_json
 
@@ -292,12 +293,6 @@ class _State:
     history: list[dict] = field(default_factory=list)
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def derived_seed(seed: int, purpose: str) -> int:
     """A seed for one purpose (noise, an epoch's order) that differs from ``seed`` itself."""
     return zlib.crc32(f"{seed}:{purpose}".encode())
@@ -398,9 +393,10 @@ def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractC
 
 
 @torch.no_grad()
-def validation_loss(model: QuARI, data: TrainingData, config: TrainConfig,
-                    device: torch.device | str | None = None) -> float:
-    """Mean loss over ``data`` in eval mode, without noise, in fixed batches.
+def mean_loss(model: torch.nn.Module, batch_loss: Callable[[Batch], torch.Tensor],
+              data: TrainingData, config: TrainConfig, device: torch.device) -> float:
+    """Mean of ``batch_loss`` over ``data`` with ``model`` in eval mode, without noise, in fixed
+    batches.
 
     Batches of ``batch_size`` follow one permutation seeded by ``config.seed`` (so a batch is
     not all captions of a few images), the last one possibly smaller; the mean weighs each
@@ -408,7 +404,6 @@ def validation_loss(model: QuARI, data: TrainingData, config: TrainConfig,
     """
     if len(data) == 0:
         raise ValueError("the validation set holds no training pairs")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(derived_seed(config.seed, "valid"))
@@ -417,9 +412,18 @@ def validation_loss(model: QuARI, data: TrainingData, config: TrainConfig,
     for start in range(0, len(data), config.batch_size):
         rows = order[start:start + config.batch_size]
         batch = make_batch(data, rows, device, config.use_semipositives)
-        total += _batch_loss(model, batch, config, _autocast(config, device)).item() * len(rows)
+        total += batch_loss(batch).item() * len(rows)
     model.train(was_training)
     return total / len(data)
+
+
+def validation_loss(model: QuARI, data: TrainingData, config: TrainConfig,
+                    device: torch.device | str | None = None) -> float:
+    """QuARI's mean loss over ``data`` (:func:`mean_loss`), as training validates it."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    autocast = _autocast(config, device)
+    return mean_loss(model, lambda batch: _batch_loss(model, batch, config, autocast), data,
+                     config, device)
 
 
 def save_history(path: str | os.PathLike, history: list[dict]) -> None:
@@ -481,12 +485,152 @@ def _check_resumable(path: Path, saved: dict, config: TrainConfig,
                                      for k in changed) + f"; {restart}")
 
 
+class StepLoop:
+    """The optimizer steps over training pairs that QuARI (:func:`train`) and the fine-tuned
+    backbone (``baselines.finetuned_backbone``) share, so that both see the same training.
+
+    Each step draws ``grad_accum`` micro-batches in the epoch's order (:func:`epoch_order`,
+    cluster-grouped when ``hard_negative_clusters``), adds modality-gap noise to the queries when
+    ``use_noise``, back-propagates ``batch_loss(batch)``, clips the gradient norm, steps AdamW
+    (lr_max, ``weight_decay``) and the schedule (:func:`make_scheduler`); every ``eval_every``
+    steps and after the last it validates (:func:`mean_loss`), keeps the best weights, and stops
+    after ``early_stopping_patience`` validations without improvement. A non-finite loss or
+    gradient raises :class:`NonFiniteError` (the fp16 loss scaler skips up to
+    :data:`MAX_SKIPPED_STEPS` non-finite steps in a row first). ``mixed_precision`` allows fp16
+    loss scaling on CUDA when the config asks for it (``amp``, ``amp_dtype="float16"``); the
+    caller's ``batch_loss`` applies the autocast it wants.
+
+    :meth:`state_dict` / :meth:`load_state_dict` hold what a resumed run needs besides the
+    model (optimizer, schedule, scaler, noise RNG, progress), so that it ends as an
+    uninterrupted run would.
+    """
+
+    def __init__(self, model: torch.nn.Module, batch_loss: Callable[[Batch], torch.Tensor],
+                 config: TrainConfig, train_data: TrainingData,
+                 valid_data: TrainingData | None, device: torch.device,
+                 mixed_precision: bool = True) -> None:
+        self.model, self.batch_loss, self.config = model, batch_loss, config
+        self.train_data, self.valid_data, self.device = train_data, valid_data, device
+        lr_max, _ = config.learning_rates
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr_max,
+                                           weight_decay=config.weight_decay)
+        self.steps = total_steps(config, len(train_data))
+        self.per_epoch = steps_per_epoch(config, len(train_data))
+        self.scheduler = make_scheduler(self.optimizer, config, self.steps)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=(
+            mixed_precision and config.amp and device.type == "cuda"
+            and config.amp_dtype == "float16"))
+        self.noise = torch.Generator().manual_seed(derived_seed(config.seed, "noise"))
+        self.state = _State()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "noise": self.noise.get_state(),
+                "state": asdict(self.state)}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        self.noise.set_state(saved["noise"])
+        self.state = _State(**saved["state"])
+
+    def _validate(self) -> float:
+        state = self.state
+        val = mean_loss(self.model, self.batch_loss, self.valid_data, self.config, self.device)
+        if val < state.best_val:
+            state.best_val, state.best_step, state.bad_evals = val, state.step, 0
+            state.best_model = _cpu_state(self.model)
+        else:
+            state.bad_evals += 1
+        logger.info("step %d: validation loss %.5f (best %.5f at step %s)", state.step, val,
+                    state.best_val, state.best_step)
+        return val
+
+    def run(self, checkpoint: Callable[[], None] | None = None,
+            on_step: Callable[[int, torch.nn.Module, float], None] | None = None,
+            desc: str = "training", progress: bool = True) -> None:
+        """Take the remaining steps; ``checkpoint()`` every ``checkpoint_every`` steps and at
+        the end, ``on_step(step, model, training loss)`` after every step. Leaves the best
+        validated weights (the last ones without validation data) in the model, in eval mode."""
+        config, data, state, model = self.config, self.train_data, self.state, self.model
+        params = [p for p in model.parameters() if p.requires_grad]
+        bar = tqdm(total=self.steps, initial=state.step, desc=desc, unit="step",
+                   disable=not progress)
+        order, order_epoch = None, -1
+        clusters = (cluster_pairs(data, config.hard_negative_clusters, config.seed)
+                    if config.hard_negative_clusters else None)
+        model.train()
+        try:
+            while state.step < self.steps and not state.finished:
+                step = state.step + 1
+                epoch, position = divmod(state.step, self.per_epoch)
+                if epoch != order_epoch:
+                    order = epoch_order(config.seed, epoch, len(data), clusters,
+                                        config.batch_size, config.cluster_batch_fraction)
+                    order_epoch = epoch
+                self.optimizer.zero_grad(set_to_none=True)
+                loss_sum = 0.0
+                for micro in range(config.grad_accum):
+                    start = (position * config.grad_accum + micro) * config.batch_size
+                    rows = order[start:start + config.batch_size]
+                    batch = make_batch(data, rows, self.device, config.use_semipositives,
+                                       config.noise_scale, self.noise if config.use_noise else None)
+                    loss = self.batch_loss(batch)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteError("training loss", step)
+                    self.scaler.scale(loss / config.grad_accum).backward()
+                    loss_sum += loss.item()
+                self.scaler.unscale_(self.optimizer)
+                norm = torch.nn.utils.clip_grad_norm_(
+                    params, config.grad_clip if config.grad_clip > 0 else math.inf)
+                if not torch.isfinite(norm):
+                    if not self.scaler.is_enabled():
+                        raise NonFiniteError("gradient", step)
+                    state.skipped += 1  # the scaler skips this update and lowers its scale
+                    logger.warning("step %d: non-finite gradient, update skipped by the loss "
+                                   "scaler", step)
+                    if state.skipped > MAX_SKIPPED_STEPS:
+                        raise NonFiniteError(f"gradient ({state.skipped} steps in a row)", step)
+                else:
+                    state.skipped = 0
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                state.step = step
+                record = {"step": step, "train_loss": loss_sum / config.grad_accum,
+                          "val_loss": None, "lr": lr}
+                if self.valid_data is not None and (step % config.eval_every == 0
+                                                    or step == self.steps):
+                    record["val_loss"] = self._validate()
+                    if (config.early_stopping_patience
+                            and state.bad_evals >= config.early_stopping_patience):
+                        state.stopped_early = True
+                        logger.info("early stopping at step %d", step)
+                state.history.append(record)
+                state.finished = state.stopped_early or step == self.steps
+                if checkpoint is not None and (step % config.checkpoint_every == 0
+                                               or state.finished):
+                    checkpoint()
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['train_loss']:.4f}", lr=f"{lr:.2e}",
+                                refresh=False)
+                if on_step is not None:
+                    on_step(step, model, record["train_loss"])
+        finally:
+            bar.close()
+        if state.best_model is not None:
+            model.load_state_dict(state.best_model)
+        model.eval()
+
+
 def _train(config: TrainConfig, model_config: QuARIConfig, train_data: TrainingData,
           valid_data: TrainingData | None = None, *,
           checkpoint_dir: str | os.PathLike | None = None,
           resume: bool = True, progress: bool = True,
           on_step: Callable[[int, QuARI, float], None] | None = None) -> TrainResult:
-    """Train a fresh hypernetwork of ``model_config`` on ``train_data``.
+    """Train a fresh hypernetwork of ``model_config`` on ``train_data`` (:class:`StepLoop`).
 
     With ``valid_data`` the validation loss is computed every ``eval_every`` steps and after
     the last, the best weights are kept and returned, and ``early_stopping_patience``
@@ -497,20 +641,12 @@ def _train(config: TrainConfig, model_config: QuARIConfig, train_data: TrainingD
     Raises :class:`NonFiniteError` naming the step when a loss or gradient is NaN or infinite.
     Seeds torch's global RNG (model init and dropout draw from it).
     """
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model = QuARI(model_config).to(device)
-    lr_max, _ = config.learning_rates
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr_max,
-                                  weight_decay=config.weight_decay)
-    steps = total_steps(config, len(train_data))
-    per_epoch = steps_per_epoch(config, len(train_data))
-    scheduler = make_scheduler(optimizer, config, steps)
     autocast = _autocast(config, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=(config.amp and device.type == "cuda"
-                                                   and config.amp_dtype == "float16"))
-    noise = torch.Generator().manual_seed(derived_seed(config.seed, "noise"))
-    state = _State()
+    loop = StepLoop(model, lambda batch: _batch_loss(model, batch, config, autocast), config,
+                    train_data, valid_data, device)
 
     path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     fingerprint = data_fingerprint(train_data, valid_data) if path is not None else None
@@ -530,106 +666,26 @@ def _train(config: TrainConfig, model_config: QuARIConfig, train_data: TrainingD
             saved = None
     if saved is not None:
         model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
+        loop.load_state_dict({**saved, "noise": saved["rng"]["noise"]})
         torch.set_rng_state(saved["rng"]["torch"])
         if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-        noise.set_state(saved["rng"]["noise"])
-        state = _State(**saved["state"])
-        logger.info("resumed from %s at step %d of %d", path, state.step, steps)
+        logger.info("resumed from %s at step %d of %d", path, loop.state.step, loop.steps)
 
     def checkpoint() -> None:
+        own = loop.state_dict()
         _save_checkpoint(
             path, format=CHECKPOINT_FORMAT, data_fingerprint=fingerprint,
             train_config=asdict(config),
             model_config=asdict(model_config), model=_cpu_state(model),
-            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            scaler=scaler.state_dict(),
-            rng={"torch": torch.get_rng_state(), "noise": noise.get_state(),
+            optimizer=own["optimizer"], scheduler=own["scheduler"], scaler=own["scaler"],
+            rng={"torch": torch.get_rng_state(), "noise": own["noise"],
                  "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
-            state=asdict(state))
-        save_history(path.parent / HISTORY_FILE, state.history)
+            state=own["state"])
+        save_history(path.parent / HISTORY_FILE, loop.state.history)
 
-    def validate() -> float:
-        val = validation_loss(model, valid_data, config, device)
-        if val < state.best_val:
-            state.best_val, state.best_step, state.bad_evals = val, state.step, 0
-            state.best_model = _cpu_state(model)
-        else:
-            state.bad_evals += 1
-        logger.info("step %d: validation loss %.5f (best %.5f at step %s)", state.step, val,
-                    state.best_val, state.best_step)
-        return val
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=steps, initial=state.step, desc="training QuARI", unit="step",
-               disable=not progress)
-    order, order_epoch = None, -1
-    clusters = (cluster_pairs(train_data, config.hard_negative_clusters, config.seed)
-                if config.hard_negative_clusters else None)
-    model.train()
-    try:
-        while state.step < steps and not state.finished:
-            step = state.step + 1
-            epoch, position = divmod(state.step, per_epoch)
-            if epoch != order_epoch:
-                order = epoch_order(config.seed, epoch, len(train_data), clusters,
-                                     config.batch_size, config.cluster_batch_fraction)
-                order_epoch = epoch
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for micro in range(config.grad_accum):
-                start = (position * config.grad_accum + micro) * config.batch_size
-                rows = order[start:start + config.batch_size]
-                batch = make_batch(train_data, rows, device, config.use_semipositives,
-                                   config.noise_scale, noise if config.use_noise else None)
-                loss = _batch_loss(model, batch, config, autocast)
-                if not torch.isfinite(loss):
-                    raise NonFiniteError("training loss", step)
-                scaler.scale(loss / config.grad_accum).backward()
-                loss_sum += loss.item()
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(
-                params, config.grad_clip if config.grad_clip > 0 else math.inf)
-            if not torch.isfinite(norm):
-                if not scaler.is_enabled():
-                    raise NonFiniteError("gradient", step)
-                state.skipped += 1  # the scaler skips this update and lowers its scale
-                logger.warning("step %d: non-finite gradient, update skipped by the loss scaler",
-                               step)
-                if state.skipped > MAX_SKIPPED_STEPS:
-                    raise NonFiniteError(f"gradient ({state.skipped} steps in a row)", step)
-            else:
-                state.skipped = 0
-            lr = optimizer.param_groups[0]["lr"]
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            state.step = step
-            record = {"step": step, "train_loss": loss_sum / config.grad_accum,
-                      "val_loss": None, "lr": lr}
-            if valid_data is not None and (step % config.eval_every == 0 or step == steps):
-                record["val_loss"] = validate()
-                if (config.early_stopping_patience
-                        and state.bad_evals >= config.early_stopping_patience):
-                    state.stopped_early = True
-                    logger.info("early stopping at step %d", step)
-            state.history.append(record)
-            state.finished = state.stopped_early or step == steps
-            if path is not None and (step % config.checkpoint_every == 0 or state.finished):
-                checkpoint()
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['train_loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
-            if on_step is not None:
-                on_step(step, model, record["train_loss"])
-    finally:
-        bar.close()
-
-    if state.best_model is not None:
-        model.load_state_dict(state.best_model)
-    model.eval()
+    loop.run(checkpoint if path is not None else None, on_step, "training QuARI", progress)
+    state = loop.state
     return TrainResult(model=model, history=copy.deepcopy(state.history), steps=state.step,
                        best_step=state.best_step,
                        best_val_loss=None if state.best_step is None else state.best_val,

@@ -76,6 +76,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from quari.backbones import ilias_size
+from quari.devices import resolve_device
 from quari.embedding_cache import ImageSource, open_image, read_items_tsv
 from baselines.local_features.matching import (LocalDescriptors, load_local_descriptors,
                                                save_local_descriptors)
@@ -470,13 +471,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--part-images", type=int, default=10_000)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = LocalDescriptorConfig(model=args.model, num_descriptors=args.num_descriptors,
                                    resolution=args.resolution, saliency=args.saliency,
                                    dtype=args.dtype, detector=args.detector)
-    extractor = DinoLocalExtractor(args.model, device=args.device, saliency=args.saliency,
+    extractor = DinoLocalExtractor(args.model, device=resolve_device(args.device), saliency=args.saliency,
                                    detector=args.detector)
     extract_local_descriptors(extractor, read_items_tsv(args.images, args.root), args.out, config,
                               batch_size=args.batch_size, num_workers=args.workers,

@@ -14,6 +14,7 @@ import torch
 
 from quari.backbones import ilias_transform, load_backbone, model_transform
 from quari.data import collections, embedding_jobs, ilias, inquire, parts
+from quari.devices import resolve_device
 from quari.runlog import log_to
 
 log = logging.getLogger("quari.embed")
@@ -66,8 +67,7 @@ def main(smk):
         embedding_jobs.publish(work, Path(smk.output[0]))
         log.info("converted %d precomputed embeddings", rows)
         return
-    device = "cuda" if p.device == "auto" and torch.cuda.is_available() else \
-        ("cpu" if p.device == "auto" else p.device)
+    device = resolve_device(p.device)
     encoder = load_backbone(info, path=path, device=device)
     ilias_t, model_t = ilias_transform(info), model_transform(info)
     out = smk.output[0]

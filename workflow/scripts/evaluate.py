@@ -21,8 +21,7 @@ def main(smk):
     w, p = smk.wildcards, smk.params
     torch.set_num_threads(max(1, smk.threads))
     cls = get_method(p.method_type)
-    device = None if p.device == "auto" else p.device
-    method = cls.load(Path(smk.input.model).parent, device=device)
+    method = cls.load(Path(smk.input.model).parent, device=p.device)
     ev = p.evaluation
     dropped = dropped_reports(smk)
     check_dropped(dropped, ev["max_dropped_fraction"])  # before any work, with the list

@@ -10,6 +10,7 @@ import torch
 from quari.data import ilias
 from baselines.local_features.descriptors import (DinoLocalExtractor, LocalDescriptorConfig,
                                      extract_local_descriptors)
+from quari.devices import resolve_device
 from quari.runlog import log_to
 
 log = logging.getLogger("baselines.local_features.descriptors")
@@ -35,8 +36,7 @@ def main(smk):
         n = opts["database_descriptors"]
     else:
         raise ValueError(f"unknown local-descriptor job {p.job!r}")
-    device = "cuda" if p.device == "auto" and torch.cuda.is_available() else \
-        ("cpu" if p.device == "auto" else p.device)
+    device = resolve_device(p.device)
     config = LocalDescriptorConfig(model=opts["model"], num_descriptors=n,
                                    resolution=opts["resolution"], saliency=opts["saliency"],
                                    detector=opts.get("detector"), dtype=opts["dtype"])

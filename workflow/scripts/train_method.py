@@ -25,8 +25,7 @@ def main(smk):
     if p.method_type == "finetuned_backbone":  # QuARI's training recipe and data, no hypernetwork
         base = {"train": p.quari["train"], "image_query_fraction": p.quari["image_query_fraction"]}
         params = deep_merge(base, params)
-    device = None if p.device == "auto" else p.device
-    method = cls(**params, device=device)
+    method = cls(**params, device=p.device)
     context = {}
     if "oracle" in smk.input.keys():
         context["oracle_file"] = smk.input.oracle
