@@ -16,6 +16,16 @@ from quari.methods import TransformMethod
 from quari.transform import QueryTransform
 
 
+def oracle_transform(queries: torch.Tensor, bases: torch.Tensor) -> QueryTransform:
+    """The oracle's map of each query: query and gallery projected onto the query's own
+    subspace ``bases`` [B, E, K] (orthonormal columns: its category's true identity subspace),
+    then cosine; scored as every :class:`~quari.transform.QueryTransform` is
+    (:mod:`quari.scoring`)."""
+    projected = torch.einsum("be,bek,bfk->bf", queries, bases, bases)
+    return QueryTransform(query=torch.nn.functional.normalize(projected, dim=-1), left=bases,
+                          right=bases, scale=1.0, anchor=0.0)
+
+
 class Oracle(TransformMethod):
     """Projects query and gallery onto the query's category identity subspace, then cosine."""
 
@@ -45,9 +55,7 @@ class Oracle(TransformMethod):
         if missing:
             raise KeyError(f"no oracle category for queries {missing[:3]}")
         basis = torch.from_numpy(self.bases_[[self.category_of_[q] for q in query_ids]]).to(queries)
-        projected = torch.einsum("be,bek,bfk->bf", queries, basis, basis)
-        return QueryTransform(query=torch.nn.functional.normalize(projected, dim=-1), left=basis,
-                              right=basis, scale=1.0, anchor=0.0)
+        return oracle_transform(queries, basis)
 
     def save_state(self, directory: Path) -> None:
         ids = np.array(list(self.category_of_), dtype=str)

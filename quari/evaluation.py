@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from quari import metrics
+from quari.devices import synchronize
 from quari.methods import RetrievalMethod, as_tensor
 from quari.scoring import cosine_topk
 from quari.store import EmbeddingSet, check_finite, find_rows
@@ -93,11 +94,6 @@ def hardware_name(device: torch.device | str) -> str:
     return f"{cpu} ({torch.get_num_threads()} threads)"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def rank_gallery(method: RetrievalMethod, task: RetrievalTask, k: int, batch_size: int = 64,
                  chunk_rows: int = 65536, shortlist: int | str = "all"
                  ) -> tuple[np.ndarray, np.ndarray, float]:
@@ -114,7 +110,7 @@ def rank_gallery(method: RetrievalMethod, task: RetrievalTask, k: int, batch_siz
     for start in tqdm(range(0, n_q, batch_size), desc=f"rank {task.name}", disable=None):
         q = np.asarray(task.queries.embeddings[start:start + batch_size], dtype=np.float32)
         ids = task.queries.ids[start:start + batch_size]
-        _sync(method.device)
+        synchronize(method.device)
         t0 = time.perf_counter()
         if shortlist == "all":
             s, i = method.search(q, task.gallery.embeddings, k, chunk_rows=chunk_rows, query_ids=ids)
@@ -128,7 +124,7 @@ def rank_gallery(method: RetrievalMethod, task: RetrievalTask, k: int, batch_siz
             s = np.take_along_axis(s_all, order, 1)
             if i.shape[1] < k:  # rows beyond the shortlist keep the backbone order
                 raise ValueError(f"shortlist {shortlist} is shorter than k={k}")
-        _sync(method.device)
+        synchronize(method.device)
         seconds += time.perf_counter() - t0
         out_i[start:start + len(ids)], out_s[start:start + len(ids)] = i, s
     return out_i, out_s, seconds
@@ -182,31 +178,75 @@ def evaluate_search(method: RetrievalMethod, task: RetrievalTask, benchmark: str
     }
 
 
+def rerank_metrics(relevance: Sequence[np.ndarray], num_positives: Sequence[int], scoring: str,
+                   k: int, query_ids: Sequence[str] | None = None) -> dict[str, float]:
+    """The metrics of re-ranked lists (each query's 0/1 relevance in its new order) as the
+    benchmark scores them: of a method's re-ranking (:func:`evaluate_rerank`,
+    :func:`quari.data.inquire.rerank_candidates`) and of the best possible one
+    (:func:`quari.reporting.tables.best_possible_metrics`), so the two are always comparable.
+
+    ``"ilias"`` (Table 3a): mAP@k, P = every positive of the query. ``"inquire"``
+    (INQUIRE-Rerank's official scoring): AP, nDCG and MRR over the whole list, P = the relevant
+    candidates (``num_positives`` unused), labelled @50 as the benchmark labels them.
+    ``"inquire_full_pool"`` (the paper's Table 3b): AP@k, nDCG@k and MRR with P = every positive
+    in the pool. ``query_ids`` only name queries in errors.
+    """
+    if scoring == "ilias":
+        return {f"mAP@{k_label(k)}": metrics.ilias_map_of_relevance(relevance, num_positives, k)}
+    if scoring == "inquire":
+        m = metrics.inquire_rerank_metrics(relevance)
+        return {"mAP@50": m["mAP"], "nDCG@50": m["nDCG"], "MRR": m["MRR"]}
+    if scoring == "inquire_full_pool":
+        m = metrics.inquire_rerank_fullpool_metrics(relevance, num_positives, k, query_ids)
+        return {f"mAP@{k}": m["mAP"], f"nDCG@{k}": m["nDCG"], "MRR": m["MRR"]}
+    raise ValueError(f"unknown re-ranking scoring {scoring!r}")
+
+
+def timed_reranks(method: RetrievalMethod, gallery, batches: Iterable[tuple]
+                  ) -> Iterator[tuple[tuple, np.ndarray, float]]:
+    """Re-rank each batch ``(queries [B, E], candidate gallery rows [B, n], query ids, ...)`` (the
+    caller's own items may follow) with ``method.rerank`` and yield ``(batch, order, seconds)``: ``order`` [B, n] ranks each query's
+    candidates best first (ties keep the list order), ``seconds`` is the time of the method's
+    call alone, the device synchronised before and after. The first batch's first query is
+    re-ranked once before it, outside the timer (a warm-up: lazy loading, kernel compilation).
+    The one timed re-rank loop of the harness: shortlists of the backbone (:func:`evaluate_rerank`)
+    and INQUIRE-Rerank's fixed lists (:func:`quari.data.inquire.rerank_candidates`) alike."""
+    for n, batch in enumerate(batches):
+        q, candidates, ids = batch[:3]
+        if n == 0:
+            method.rerank(q[:1], gallery, candidates[:1], query_ids=ids[:1])
+        synchronize(method.device)
+        t0 = time.perf_counter()
+        s = method.rerank(q, gallery, candidates, query_ids=ids).numpy()
+        synchronize(method.device)
+        seconds = time.perf_counter() - t0
+        yield batch, np.argsort(-s, axis=1, kind="stable"), seconds
+
+
 def evaluate_rerank(method: RetrievalMethod, task: RetrievalTask, benchmark: str,
                     shortlist: int, k: int, chunk_rows: int = 65536, batch_size: int = 64) -> dict:
     """Re-rank the backbone's top-``shortlist`` of each query and score it.
 
     ILIAS (Table 3a): mAP@k of the re-ranked list, P = all positives. INQUIRE-Rerank (Table 3b):
     AP, nDCG and MRR over the whole shortlist with P = relevant ids inside it. Timing covers only
-    the method's re-ranking (the shortlist is shared and given), per 1k pairs (ILIAS) and per 100
-    pairs (INQUIRE).
+    the method's re-ranking (the shortlist is shared and given; :func:`timed_reranks`), per 1k
+    pairs (ILIAS) and per 100 pairs (INQUIRE).
     """
     n_q = len(task.queries)
     reranked = np.zeros((n_q, min(shortlist, len(task.gallery))), dtype=np.int64)
-    seconds = 0.0
-    for start in tqdm(range(0, n_q, batch_size), desc=f"rerank {task.name}", disable=None):
-        q = np.asarray(task.queries.embeddings[start:start + batch_size], dtype=np.float32)
-        ids = task.queries.ids[start:start + batch_size]
-        _, cand = cosine_shortlist(q, task.gallery.embeddings, shortlist, chunk_rows)
-        if start == 0:  # warm-up outside the timer
-            method.rerank(q[:1], task.gallery.embeddings, cand[:1], query_ids=ids[:1])
-        _sync(method.device)
-        t0 = time.perf_counter()
-        s = method.rerank(q, task.gallery.embeddings, cand, query_ids=ids).numpy()
-        _sync(method.device)
-        seconds += time.perf_counter() - t0
-        order = np.argsort(-s, axis=1, kind="stable")
-        reranked[start:start + len(ids)] = np.take_along_axis(cand, order, 1)
+
+    def batches():
+        for start in tqdm(range(0, n_q, batch_size), desc=f"rerank {task.name}", disable=None):
+            q = np.asarray(task.queries.embeddings[start:start + batch_size], dtype=np.float32)
+            _, cand = cosine_shortlist(q, task.gallery.embeddings, shortlist, chunk_rows)
+            yield q, cand, task.queries.ids[start:start + batch_size]
+
+    seconds, start = 0.0, 0
+    for (_, cand, _), order, batch_seconds in timed_reranks(method, task.gallery.embeddings,
+                                                            batches()):
+        seconds += batch_seconds
+        reranked[start:start + len(cand)] = np.take_along_axis(cand, order, 1)
+        start += len(cand)
     pairs = n_q * reranked.shape[1]
     result = {"seconds": seconds, "ms_per_1k_pairs": 1e6 * seconds / pairs,
               "ms_per_100_pairs": 1e5 * seconds / pairs, "shortlist": reranked.shape[1],
@@ -215,9 +255,6 @@ def evaluate_rerank(method: RetrievalMethod, task: RetrievalTask, benchmark: str
     # what the best possible re-ranking of these shortlists scores (quari.reporting.tables)
     result["relevant_in_shortlist"] = [int(sum(r)) for r in rel]
     result["num_positives"] = task.num_positives()
-    if benchmark == "ilias":
-        result["metrics"] = score_ranking(task, reranked, "ilias", k)
-    else:
-        m = metrics.inquire_rerank_metrics(rel)
-        result["metrics"] = {"mAP@50": m["mAP"], "nDCG@50": m["nDCG"], "MRR": m["MRR"]}
+    result["metrics"] = rerank_metrics(rel, result["num_positives"],
+                                       "ilias" if benchmark == "ilias" else "inquire", k)
     return result

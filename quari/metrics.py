@@ -30,7 +30,6 @@ __all__ = [
     "inquire_metrics_of_relevance",
     "inquire_rerank_metrics",
     "inquire_rerank_fullpool_metrics",
-    "inquire_rerank_fullpool_best_possible",
 ]
 
 
@@ -192,7 +191,7 @@ def inquire_rerank_fullpool_metrics(ranked_relevance: Sequence[Sequence[int]],
     (``src/eval_fullrank_two_stage.py``: re-rank a CLIP top-100, keep the top k = 50, pass
     ``count_pos`` = all annotated positives), and what the QuARI paper's Table 3b column
     reports, as its "best possible" row (65.6 mAP@50, not 100) shows: positives outside the
-    candidates can never be found (:func:`inquire_rerank_fullpool_best_possible`).
+    candidates can never be found (``quari.reporting.tables.best_possible_metrics``).
 
     ``ranked_relevance[q]`` is query q's 0/1 relevance of its candidates in the new order,
     ``num_positives[q]`` its P. AP@k divides by min(k, P), the ideal DCG counts min(k, P) hits
@@ -220,20 +219,3 @@ def inquire_rerank_fullpool_metrics(ranked_relevance: Sequence[Sequence[int]],
         ndcg.append(ndcg_at_k(rel, positives, k))
         rr.append(reciprocal_rank(rel[:k]))
     return {"mAP": float(np.mean(ap)), "nDCG": float(np.mean(ndcg)), "MRR": float(np.mean(rr))}
-
-
-def inquire_rerank_fullpool_best_possible(relevant_in_candidates: Sequence[int],
-                                          num_positives: Sequence[int], num_candidates: int,
-                                          k: int = 50) -> dict[str, float]:
-    """The full-pool scores of the ideal re-ranking (each query's relevant candidates first): the
-    ceiling of any re-ranker of these candidate lists, Table 3b's "best possible" row.
-
-    ``relevant_in_candidates[q]`` counts query q's relevant candidates among its
-    ``num_candidates``; the order within the relevant (or irrelevant) ones does not matter.
-    """
-    ideal = []
-    for hits in relevant_in_candidates:
-        if not 0 <= hits <= num_candidates:
-            raise ValueError(f"{hits} relevant candidates in a list of {num_candidates}")
-        ideal.append(np.r_[np.ones(hits), np.zeros(num_candidates - hits)])
-    return inquire_rerank_fullpool_metrics(ideal, num_positives, k)

@@ -36,9 +36,9 @@ Splits and their shapes follow the real data:
 * ``inquire_*``: text queries naming a fine-grained group; every pool image of that group is
   relevant (several to dozens per query), the rest of the pool are other groups.
 
-The oracle (:func:`oracle_bases`, :func:`oracle_scores`) ranks by cosine after projecting query
-and gallery onto the query category's true identity subspace (its category direction and its
-instance-identity directions), expressed in the backbone's space.
+The oracle (the ``oracle`` method, ``baselines/oracle.py``, on :func:`oracle_bases`) ranks by
+cosine after projecting query and gallery onto the query category's true identity subspace (its
+category direction and its instance-identity directions), expressed in the backbone's space.
 
 Calibration of the defaults (seeds 0 and 7), backbones ``{dim: 256, noise: 0.03}`` and
 ``{dim: 384, noise: 0.025}``, in the order cosine / static map (scikit-learn LDA on the training
@@ -71,7 +71,6 @@ __all__ = [
     "generate_world",
     "render",
     "oracle_bases",
-    "oracle_scores",
     "save_world",
     "load_world",
     "EMBEDDING_FIELDS",
@@ -546,24 +545,6 @@ def oracle_bases(rendered: RenderedWorld) -> np.ndarray:
     """[C, E, identity_dim + 1]: each category's true identity subspace (its category direction
     and instance-identity directions) in the backbone's space, orthonormal columns."""
     return rendered.oracle_bases
-
-
-def oracle_scores(rendered: RenderedWorld, query_embs: np.ndarray, query_categories,
-                  gallery: np.ndarray) -> np.ndarray:
-    """[Q, N] cosine of each query and gallery row after projecting both onto the query's
-    category identity subspace (the generator's ground truth; an upper bound, not a method)."""
-    bases = oracle_bases(rendered)
-    query_embs = np.asarray(query_embs, dtype=np.float32)
-    cats = np.asarray(query_categories, dtype=np.int64)
-    if len(cats) != len(query_embs):
-        raise ValueError(f"{len(cats)} categories for {len(query_embs)} queries")
-    gallery = np.asarray(gallery, dtype=np.float32)
-    out = np.empty((len(query_embs), len(gallery)), dtype=np.float32)
-    for c in np.unique(cats):
-        rows = np.flatnonzero(cats == c)
-        g = _unit_rows(gallery @ bases[c])
-        out[rows] = _unit_rows(query_embs[rows] @ bases[c]) @ g.T
-    return out
 
 
 # ------------------------------------------------------------------------------------------

@@ -264,6 +264,23 @@ def test_best_possible_is_the_best_ordering():
         best_possible_metrics([4], [3], 10, "ilias", 10)
 
 
+def test_full_pool_best_possible_on_a_hand_made_case():
+    # three queries with 4 candidates each, k = 3:
+    #   2 relevant, P = 3 -> [1, 1, 0, 0]: AP = 2/3, nDCG = (1 + 1/log2 3) / (1 + 1/log2 3 + 1/2)
+    #   1 relevant, P = 1 -> [1, 0, 0, 0]: everything 1
+    #   0 relevant, P = 5 -> nothing can be found: 0
+    got = best_possible_metrics([2, 1, 0], [3, 1, 5], 4, "inquire_full_pool", 3)
+    ndcg_first = (1 + 1 / np.log2(3)) / (1 + 1 / np.log2(3) + 1 / 2)
+    assert got == pytest.approx({"mAP@3": (2 / 3 + 1 + 0) / 3, "nDCG@3": (ndcg_first + 1) / 3,
+                                 "MRR": 2 / 3})
+    # no ordering of the candidates does better (every arrangement of the first query)
+    import itertools
+    for order in set(itertools.permutations([1, 1, 0, 0])):
+        assert metrics.inquire_rerank_fullpool_metrics([order], [3], k=3)["mAP"] <= 2 / 3 + 1e-12
+    with pytest.raises(ValueError, match="5 relevant candidates in a shortlist of 4"):
+        best_possible_metrics([5], [9], 4, "inquire_full_pool", 50)
+
+
 def test_best_possible_row_comes_from_the_backbone_evaluation():
     extra = {"relevant_in_shortlist": [2, 0], "num_positives": [4, 1]}
     evs = [evaluation("identity", "identity", "syn", data="synthetic", gallery=6000,

@@ -320,48 +320,38 @@ def rerank_candidates(method, queries, gallery, candidates: dict[str, list[str]]
     ``"full_pool"``: its metrics (mAP@k / nDCG@k / MRR), k, and per query the relevant candidates
     and P, from which the best possible ordering's scores follow.
     """
-    import time
-
-    import torch
-
     from quari import metrics
+    from quari.evaluation import rerank_metrics, timed_reranks
     row_of = gallery.index_of()
     missing = sorted({c for q in queries.ids for c in candidates[q] if c not in row_of})
     if missing:
         raise ValueError(f"{len(missing)} candidate images are not in the gallery (unreadable?), "
                          f"e.g. {missing[:3]}")
-    sync = (lambda: torch.cuda.synchronize(method.device)) if method.device.type == "cuda" \
-        else (lambda: None)
-    relevance, seconds, pairs = [], 0.0, 0
     order_of_queries = list(range(len(queries)))
     # queries of equal list length are re-ranked together (the benchmark has 100 for all)
     by_length: dict[int, list[int]] = {}
     for n in order_of_queries:
         by_length.setdefault(len(candidates[queries.ids[n]]), []).append(n)
+
+    def batches():
+        for members in by_length.values():
+            for start in range(0, len(members), batch_size):
+                batch = members[start:start + batch_size]
+                ids = [queries.ids[n] for n in batch]
+                q = np.asarray(queries.embeddings[batch], dtype=np.float32)
+                rows = np.array([[row_of[c] for c in candidates[i]] for i in ids], dtype=np.int64)
+                yield q, rows, ids, batch
+
     ranked: dict[int, list[str]] = {}
-    warm = False
-    for members in by_length.values():
-        for start in range(0, len(members), batch_size):
-            batch = members[start:start + batch_size]
-            ids = [queries.ids[n] for n in batch]
-            q = np.asarray(queries.embeddings[batch], dtype=np.float32)
-            rows = np.array([[row_of[c] for c in candidates[i]] for i in ids], dtype=np.int64)
-            if not warm:
-                method.rerank(q[:1], gallery.embeddings, rows[:1], query_ids=ids[:1])
-                warm = True
-            sync()
-            t0 = time.perf_counter()
-            scores = method.rerank(q, gallery.embeddings, rows, query_ids=ids).numpy()
-            sync()
-            seconds += time.perf_counter() - t0
-            pairs += rows.size
-            order = np.argsort(-scores, axis=1, kind="stable")
-            for n, i, o in zip(batch, ids, order):
-                ranked[n] = [candidates[i][j] for j in o]
-    for n in order_of_queries:
-        qid = queries.ids[n]
-        relevance.append(metrics.relevance_of(ranked[n], set(relevant[qid])))
-    m = metrics.inquire_rerank_metrics(relevance)
+    seconds, pairs = 0.0, 0
+    for (_, rows, ids, batch), order, batch_seconds in timed_reranks(method, gallery.embeddings,
+                                                                     batches()):
+        seconds += batch_seconds
+        pairs += rows.size
+        for n, i, o in zip(batch, ids, order):
+            ranked[n] = [candidates[i][j] for j in o]
+    relevance = [metrics.relevance_of(ranked[n], set(relevant[queries.ids[n]]))
+                 for n in order_of_queries]
     hits = [int(sum(r)) for r in relevance]
     full_pool = None
     if full_pool_positives is not None:
@@ -371,10 +361,10 @@ def rerank_candidates(method, queries, gallery, candidates: dict[str, list[str]]
             raise ValueError(f"{len(missing)} queries have no full-pool positive count, "
                              f"e.g. {missing[:3]}")
         counts = [int(full_pool_positives[q]) for q in query_ids]
-        f = metrics.inquire_rerank_fullpool_metrics(relevance, counts, k, query_ids=query_ids)
-        full_pool = {"metrics": {f"mAP@{k}": f["mAP"], f"nDCG@{k}": f["nDCG"], "MRR": f["MRR"]},
+        full_pool = {"metrics": rerank_metrics(relevance, counts, "inquire_full_pool", k,
+                                               query_ids),
                      "k": k, "relevant_in_shortlist": hits, "num_positives": counts}
-    result = {"metrics": {"mAP@50": m["mAP"], "nDCG@50": m["nDCG"], "MRR": m["MRR"]},
+    result = {"metrics": rerank_metrics(relevance, hits, "inquire", k),
               "seconds": seconds, "ms_per_1k_pairs": 1e6 * seconds / pairs,
               "ms_per_100_pairs": 1e5 * seconds / pairs, "shortlist": max(by_length),
               "num_queries": len(queries), "gallery_size": len(gallery),

@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from quari import metrics
-from quari.evaluation import k_label
+from quari.evaluation import k_label, rerank_metrics
 from quari.store import atomic_write_text
 
 COLUMNS = ["table", "benchmark", "setting", "backbone", "method", "metric", "value", "paper_value",
@@ -146,14 +145,15 @@ def _cutoff(metric: str) -> int:
 # ---- best possible re-ranking ---------------------------------------------------------------------
 
 def best_possible_metrics(relevant_in_shortlist: Sequence[int], num_positives: Sequence[int],
-                          shortlist: int, benchmark: str, k: int) -> dict[str, float]:
+                          shortlist: int, scoring: str, k: int) -> dict[str, float]:
     """The metrics of the ideal re-ranking of every query's shortlist: its relevant candidates
-    first, scored exactly as :func:`quari.evaluation.evaluate_rerank` scores a re-ranking.
+    first, scored by the very function that scores a re-ranking
+    (:func:`quari.evaluation.rerank_metrics`; ``scoring`` "ilias", "inquire" or
+    "inquire_full_pool").
 
-    It is the ceiling of any re-ranker of that shortlist (Table 3b's "best possible" row) and
+    It is the ceiling of any re-ranker of that shortlist (Table 3's "best possible" rows) and
     depends only on how many of each query's ``shortlist`` candidates are relevant and on its
-    total number of positives. ILIAS: mAP@k with P = all positives. INQUIRE-Rerank: AP, nDCG and
-    MRR over the list with P = relevant candidates.
+    total number of positives.
     """
     if len(relevant_in_shortlist) != len(num_positives) or not len(num_positives):
         raise ValueError(f"{len(relevant_in_shortlist)} shortlist counts for "
@@ -164,13 +164,7 @@ def best_possible_metrics(relevant_in_shortlist: Sequence[int], num_positives: S
             raise ValueError(f"{hits} relevant candidates in a shortlist of {shortlist} for a "
                              f"query with {positives} positives")
         ideal.append(np.r_[np.ones(hits), np.zeros(shortlist - hits)])
-    if benchmark == "ilias":
-        ap = [metrics.average_precision_at_k(rel, p, k) for rel, p in zip(ideal, num_positives)]
-        return {f"mAP@{k_label(k)}": float(np.mean(ap))}
-    if benchmark == "inquire":
-        m = metrics.inquire_rerank_metrics(ideal)
-        return {f"mAP@{k}": m["mAP"], f"nDCG@{k}": m["nDCG"], "MRR": m["MRR"]}
-    raise ValueError(f"unknown benchmark {benchmark!r}")
+    return rerank_metrics(ideal, num_positives, scoring, k)
 
 
 # ---- evaluation JSONs -> rows -------------------------------------------------------------------
@@ -197,9 +191,8 @@ def _rerank_setting(ev: dict, mode: str, res: dict, task: str) -> str:
 def _best_possible(ev: dict, mode: str, res: dict) -> dict[str, float]:
     """The best possible ordering's metrics of a re-ranking entry, in its own scoring."""
     if mode == "rerank_full_pool":
-        m = metrics.inquire_rerank_fullpool_best_possible(
-            res["relevant_in_shortlist"], res["num_positives"], res["shortlist"], res["k"])
-        return {f"mAP@{res['k']}": m["mAP"], f"nDCG@{res['k']}": m["nDCG"], "MRR": m["MRR"]}
+        return best_possible_metrics(res["relevant_in_shortlist"], res["num_positives"],
+                                     res["shortlist"], "inquire_full_pool", res["k"])
     k = _cutoff(next(m for m in res["metrics"] if "@" in m))
     return best_possible_metrics(res["relevant_in_shortlist"], res["num_positives"],
                                  res["shortlist"], ev["benchmark"], k)
@@ -225,8 +218,7 @@ def dropped_note(ev: dict, task: str) -> str:
 def evaluation_rows(evaluations: Iterable[dict]) -> pd.DataFrame:
     """One row per (benchmark, task, mode, backbone, method, metric) from evaluation JSONs, in
     our own spelling, plus a ``best_possible`` row per re-ranking of the backbone's evaluation
-    (``identity``) when it records its shortlist's relevance (see :func:`best_possible_metrics`;
-    INQUIRE-Rerank's full-pool entry: ``quari.metrics.inquire_rerank_fullpool_best_possible``).
+    (``identity``) when it records its shortlist's relevance (see :func:`best_possible_metrics`).
     """
     rows = []
     for ev in evaluations:
