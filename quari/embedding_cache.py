@@ -93,7 +93,7 @@ class _ImageDataset(Dataset):
             return n, None, f"{type(err).__name__}: {err}"
 
 
-def _shard_batches(start: int, stop: int, shard_rows: int, batch_size: int) -> list[list[int]]:
+def shard_batches(start: int, stop: int, shard_rows: int, batch_size: int) -> list[list[int]]:
     """Item positions [start, stop) in batches that never cross a shard boundary, so the batches
     of a shard are the same whether or not the run resumed."""
     batches = []
@@ -116,19 +116,25 @@ def _encode_by_shape(encoder: Encoder, tensors: list[torch.Tensor]) -> np.ndarra
     return out
 
 
-def _fingerprint(kind: str, ids: Sequence[str], shard_rows: int, dim: int) -> str:
-    """Identifies the job a folder holds, so a rerun never mixes shards of different item lists."""
-    digest = hashlib.sha256(f"{kind}\n{shard_rows}\n{dim}\n".encode())
+def ids_digest(ids: Sequence[str], settings: bytes = b"") -> str:
+    """sha256 of ``settings`` followed by every id and a newline: identifies the job a folder
+    holds (the item list and what changes its rows), so a rerun never mixes chunks of two jobs."""
+    digest = hashlib.sha256(settings)
     for i in ids:
         digest.update(i.encode("utf-8") + b"\n")
     return digest.hexdigest()
+
+
+def _fingerprint(kind: str, ids: Sequence[str], shard_rows: int, dim: int) -> str:
+    return ids_digest(ids, f"{kind}\n{shard_rows}\n{dim}\n".encode())
 
 
 def _clean_reason(reason: str) -> str:
     return re.sub(r"[\t\r\n]+", " ", reason).strip() or "unknown error"
 
 
-def _check_ids(ids: Sequence[str]) -> None:
+def check_ids(ids: Sequence[str]) -> None:
+    """Item ids name rows and lines of a skip list: each unique, without tabs or newlines."""
     if len(set(ids)) != len(ids):
         raise ValueError("item ids must be unique")
     if any(("\t" in i) or ("\n" in i) or ("\r" in i) for i in ids):
@@ -142,7 +148,7 @@ def _write_cache(kind: str, encoder: Encoder, ids: Sequence[str], out_dir: str |
     """Shared driver: resume, collect batches into shards, write skip list and manifest."""
     if shard_rows < 1:
         raise ValueError("shard_rows must be positive")
-    _check_ids(ids)
+    check_ids(ids)
     out_dir = Path(out_dir)
     dim = encoder.embed_dim
     fingerprint = _fingerprint(kind, ids, shard_rows, dim)
@@ -232,7 +238,7 @@ def embed_images(encoder: Encoder, items: Sequence[tuple[str, ImageSource]],
     dataset = _ImageDataset(sources, transform)
 
     def produce(start: int) -> Iterator[_Batch]:
-        batches = _shard_batches(start, len(ids), shard_rows, batch_size)
+        batches = shard_batches(start, len(ids), shard_rows, batch_size)
         if not batches:
             return
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
@@ -258,7 +264,7 @@ def embed_texts(encoder: Encoder, items: Sequence[tuple[str, str]], out_dir: str
     texts = [t for _, t in items]
 
     def produce(start: int) -> Iterator[_Batch]:
-        for batch in _shard_batches(start, len(ids), shard_rows, batch_size):
+        for batch in shard_batches(start, len(ids), shard_rows, batch_size):
             emb = encoder.encode_texts([texts[n] for n in batch])
             yield _Batch(batch, emb.float().cpu().numpy(), [])
 

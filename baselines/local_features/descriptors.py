@@ -54,12 +54,20 @@ after the last complete part; the final file is then streamed from the parts one
 (never whole in memory: ILIAS's shortlisted images are about 185 GB of descriptors), written
 atomically, and the parts are removed only once it is in place. It is an uncompressed ``.npz``
 that the re-rankers memory-map.
+
+The parts resume as the embedding cache's shards do (:mod:`quari.embedding_cache`: consecutive
+chunks of the item list, each written atomically when complete, a fingerprint of the ids and
+settings, a skip list per chunk) and use its helpers for the ids, the fingerprint and the
+batches. Two things keep them apart: a cache shard is a final file of its embedding set (the
+manifest lists it), while a part is scratch, merged into the one ``[N, n, D]`` array the
+re-rankers memory-map; and a part holds four arrays of its images, not one row each.
+:mod:`quari.data.parts` is another idea again: independent jobs of a cluster, each writing a
+whole embedding set, assembled as a view.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -77,7 +85,8 @@ from tqdm.auto import tqdm
 
 from quari.backbones import ilias_size
 from quari.devices import resolve_device
-from quari.embedding_cache import ImageSource, open_image, read_items_tsv
+from quari.embedding_cache import (ImageSource, check_ids, ids_digest, open_image, read_items_tsv,
+                                   shard_batches)
 from baselines.local_features.matching import (LocalDescriptors, load_local_descriptors,
                                                save_local_descriptors)
 from quari.store import (NpzWriter, atomic_write_json, atomic_write_npz, atomic_write_text,
@@ -269,11 +278,8 @@ def _fingerprint(config: LocalDescriptorConfig, ids: Sequence[str], part_images:
     fields = asdict(config)
     if fields["detector"] is None:  # jobs from before the detector option keep their fingerprint
         del fields["detector"]
-    digest = hashlib.sha256(json.dumps({**fields, "part_images": part_images},
-                                       sort_keys=True).encode())
-    for i in ids:
-        digest.update(i.encode("utf-8") + b"\n")
-    return digest.hexdigest()
+    return ids_digest(ids, json.dumps({**fields, "part_images": part_images},
+                                      sort_keys=True).encode())
 
 
 def _save(path: Path, ids: Sequence[str], results: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -315,15 +321,12 @@ def _merge_parts(out_path: Path, part_paths: Sequence[Path]) -> int:
     return total
 
 
-def _part_batches(part: range, batch_size: int) -> list[list[int]]:
-    return [list(part[b:b + batch_size]) for b in range(0, len(part), batch_size)]
-
-
 def _extract_part(extractor: DinoLocalExtractor, dataset: _Images, part: range, n: int,
                   batch_size: int, num_workers: int, bar
                   ) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray] | None, tuple, str]]:
     """(position, result or None, (width, height), skip reason) of each item of a part, in order."""
-    loader = DataLoader(dataset, batch_sampler=_part_batches(part, batch_size),
+    loader = DataLoader(dataset, batch_sampler=shard_batches(part.start, part.stop, len(part),
+                                                             batch_size),
                         num_workers=num_workers, collate_fn=list)
     for samples in loader:
         results: dict[int, tuple] = {}
@@ -361,10 +364,7 @@ def extract_local_descriptors(extractor: DinoLocalExtractor,
     ids = [str(i) for i, _ in items]
     if not ids:
         raise ValueError("no images to extract local descriptors from")
-    if len(set(ids)) != len(ids):
-        raise ValueError("image ids must be unique")
-    if any(c in i for i in ids for c in "\t\r\n"):
-        raise ValueError("image ids must not contain tabs or newlines")
+    check_ids(ids)
     if part_images < 1:
         raise ValueError("part_images must be positive")
     out_path = Path(out_path)

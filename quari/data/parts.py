@@ -2,6 +2,7 @@
 
 A 100M-image gallery is embedded by many independent jobs (a cluster runs them side by side),
 each writing one *part*: an ordinary embedding set (:mod:`quari.embedding_cache`) in its own folder.
+(Within one job, the embedding cache resumes shard by shard; a part is a whole job.)
 :func:`assemble_parts` checks every part (rows against ids, counts, distinct ids, the same model
 and preprocessing in all of them) and writes a manifest that lists the parts' shards by relative
 path, so the set loads as one memory-mapped view (:func:`quari.store.load_embedding_set`) and
@@ -27,7 +28,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from quari.embedding_cache import SKIPPED, embed_images
+from quari.embedding_cache import SKIPPED, embed_images, ids_digest
 from quari.store import (FORMAT_VERSION, MANIFEST, atomic_write_json, atomic_write_text,
                          load_embedding_set, shard_under)
 
@@ -80,13 +81,6 @@ def file_identity(path: str | os.PathLike, sha256: str | None = None) -> dict:
     (not its modification time: a verified re-download of the same file is the same input)."""
     path = Path(path)
     return {"name": path.name, "size": path.stat().st_size, "sha256": sha256}
-
-
-def ids_digest(ids: Sequence[str]) -> str:
-    digest = hashlib.sha256()
-    for i in ids:
-        digest.update(i.encode("utf-8") + b"\n")
-    return digest.hexdigest()
 
 
 def part_provenance(encoder, protocol: str, sources: Sequence[dict], ids: Sequence[str],
