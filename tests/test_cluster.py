@@ -146,14 +146,15 @@ def test_ci_slurm_profile_maps_every_gpu_request_to_nothing():
 
 def test_every_rule_names_an_environment_a_node_can_build():
     """workflow/envs/quari.yaml: the pinned runtime packages of requirements.txt, without the
-    editable install and the test / workflow tools (a node builds it with --sdm conda)."""
+    editable install and the test / workflow tools (a node builds it with --sdm conda); datasets
+    is only the tests' reference decoder."""
     env = yaml.safe_load((ROOT / "workflow/envs/quari.yaml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert not [p for p in pip if p.startswith("-e") or p.startswith(".")]
     pins = dict(p.split("==") for p in pip)
     req = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines()
                if line.strip() and not line.startswith("#"))
-    tools = {"pytest", "snakemake", "snakemake-executor-plugin-slurm"}
+    tools = {"pytest", "snakemake", "snakemake-executor-plugin-slurm", "datasets"}
     assert pins == {k: v for k, v in req.items() if k not in tools}
     for path in (ROOT / "workflow" / "rules").glob("*.smk"):
         text = path.read_text()

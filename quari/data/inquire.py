@@ -264,7 +264,10 @@ def extract_rerank_images(parquet_files: Sequence[str | os.PathLike], out_dir: s
     files already there are kept; an id that is not a plain file name, such as ``../x``, is
     written under a digest of it, :func:`quari.paths.safe_file_name`) and return ``(image id, path)`` in first-appearance order.
 
-    Reads one parquet row group at a time, so memory stays bounded by a row group."""
+    Reads one parquet row group at a time, so memory stays bounded by a row group. With pyarrow,
+    not ``datasets.load_dataset``: the files are the ones the download job verified, read in
+    place, with no second copy in the ``datasets`` Arrow cache (the tests decode the same images
+    with ``datasets`` as the reference)."""
     import pyarrow.parquet as pq
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

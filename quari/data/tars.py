@@ -6,6 +6,13 @@ path up to the first dot of its file name (``bold_bimp_000/pos/P000_07.jpg`` and
 ``jpg`` and ``bbox.json``). Indexing a shard once gives, for every sample, the byte offset and size
 of each field, so an image is read later by one seek in a worker process, without re-scanning the
 tar or keeping its bytes in memory.
+
+Why not the ``webdataset`` library: it streams a shard's samples in order, which suits training
+but not this harness's needs: random access to any sample from a DataLoader worker (embedding a
+query set, one shard's part, a shortlist's images) by offset, one index per shard reused by every
+job, and a truncated download refused as a whole rather than read up to where it was cut (its
+stream ends quietly there). The standard library's :mod:`tarfile` gives each member's data offset,
+and nothing here extracts a member to disk, so member names never become paths.
 """
 
 from __future__ import annotations
