@@ -62,36 +62,48 @@ def snakemake(workdir, *args, timeout=900, cores=True):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
+def dry_run_jobs(output: str) -> list[dict[str, str]]:
+    """The jobs of a dry run's listing, in order: ``{"rule": name, "input": text, "output":
+    text, "resources": text}`` from the lines under each ``rule name:`` (a field it lacks is
+    absent)."""
+    jobs: list[dict[str, str]] = []
+    for line in output.splitlines():
+        line = line.strip()
+        match = re.match(r"^(?:local)?rule (\w+):", line)
+        if match:
+            jobs.append({"rule": match.group(1)})
+        elif jobs:
+            key, colon, value = line.partition(":")
+            if colon and key in ("input", "output", "resources"):
+                jobs[-1].setdefault(key, value.strip())
+    return jobs
+
+
+def _first_output(job: dict[str, str]) -> str:
+    return job["output"].split(",")[0].strip()
+
+
 def scheduled_jobs(output: str) -> dict[str, list[str]]:
     """``{rule: [first output of each job]}`` from a dry run's job listing."""
     jobs: dict[str, list[str]] = {}
-    rule = None
-    for line in output.splitlines():
-        match = re.match(r"^(?:local)?rule (\w+):", line.strip())
-        if match:
-            rule = match.group(1)
-            continue
-        if rule and line.strip().startswith("output:"):
-            jobs.setdefault(rule, []).append(line.split(":", 1)[1].split(",")[0].strip())
-            rule = None
+    for job in dry_run_jobs(output):
+        if "output" in job:
+            jobs.setdefault(job["rule"], []).append(_first_output(job))
     return jobs
 
 
 def scheduled_inputs(output: str, rule_name: str) -> dict[str, list[str]]:
     """``{first output: inputs}`` of every job of ``rule_name`` in a dry run's job listing."""
-    jobs: dict[str, list[str]] = {}
-    rule, inputs = None, []
-    for line in output.splitlines():
-        line = line.strip()
-        match = re.match(r"^(?:local)?rule (\w+):", line)
-        if match:
-            rule, inputs = match.group(1), []
-        elif rule == rule_name and line.startswith("input:"):
-            inputs = [i.strip() for i in line.split(":", 1)[1].split(",")]
-        elif rule == rule_name and line.startswith("output:"):
-            jobs[line.split(":", 1)[1].split(",")[0].strip()] = inputs
-            rule = None
-    return jobs
+    return {_first_output(job): ([i.strip() for i in job["input"].split(",")]
+                                 if "input" in job else [])
+            for job in dry_run_jobs(output) if job["rule"] == rule_name and "output" in job}
+
+
+def job_resources(output: str) -> list[tuple[str, dict[str, str]]]:
+    """``[(rule, {resource: value})]`` of every job in a dry run's listing."""
+    return [(job["rule"], {k.strip(): v.strip() for k, v in
+                           (kv.split("=", 1) for kv in job["resources"].split(", "))})
+            for job in dry_run_jobs(output) if "resources" in job]
 
 
 TINY_SIZES = {"patch_size": 8, "train_resolution": 32, "test_resolution": 40}

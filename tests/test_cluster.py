@@ -13,25 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.builders import ROOT, SNAKEMAKE, snakemake
+from tests.builders import ROOT, SNAKEMAKE, job_resources, snakemake
 
 
 PROFILES = ROOT / "workflow" / "profiles"
-
-
-def job_resources(output: str) -> list[tuple[str, dict[str, str]]]:
-    """``[(rule, {resource: value})]`` of every job in a dry run's listing."""
-    jobs, rule = [], None
-    for line in output.splitlines():
-        line = line.strip()
-        match = re.match(r"^(?:local)?rule (\w+):", line)
-        if match:
-            rule = match.group(1)
-        elif rule and line.startswith("resources:"):
-            pairs = [kv.split("=", 1) for kv in line.split(":", 1)[1].split(", ")]
-            jobs.append((rule, {k.strip(): v.strip() for k, v in pairs}))
-            rule = None
-    return jobs
 
 
 def rules_running_a_network() -> set[str]:
@@ -269,9 +254,8 @@ def same_embedding_sets(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny_real_world(tmp_path_factory):
     """Generated official-format files, two tiny backbones and the config the cluster test runs."""
-    from tests.builders import save_tiny_clip, save_tiny_siglip
-    from tests.builders import make_collections, make_ilias, make_inquire
-    from tests.builders import tiny_real_config
+    from tests.builders import (make_collections, make_ilias, make_inquire, save_tiny_clip,
+                                save_tiny_siglip, tiny_real_config)
     root = tmp_path_factory.mktemp("cluster")
     data, models = root / "data", root / "models"
     make_ilias(data / "ilias")

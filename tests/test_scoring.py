@@ -10,6 +10,22 @@ from quari.transform import QueryTransform
 from tests.builders import VARIANTS, random_transform
 
 
+def assert_same_topk(got, want, atol):
+    """Top-k (scores, rows) as torch tensors equal a reference's numpy arrays: the same rows, the
+    scores within ``atol``."""
+    (s, i), (ref_s, ref_i) = got, want
+    np.testing.assert_array_equal(i.numpy(), ref_i)
+    np.testing.assert_allclose(s.numpy(), ref_s, atol=atol)
+
+
+def fp16_memmap(path, data):
+    """``data`` written to a float16 file and opened read-only as a memory map, as galleries are."""
+    mm = np.memmap(path, dtype=np.float16, mode="w+", shape=data.shape)
+    mm[:] = data
+    mm.flush()
+    return np.memmap(path, dtype=np.float16, mode="r", shape=data.shape)
+
+
 def loop_scores(t, gallery):
     """Cosines written from the definition, one query and one row at a time."""
     out = torch.empty(t.batch_size, gallery.shape[0], dtype=torch.float64)
@@ -77,8 +93,7 @@ def test_topk_matches_brute_force(variant, chunk_rows, k):
     ref_s, ref_i = brute_topk(scoring.dense_scores(t, gallery.double()), k)
     assert s.dtype == torch.float32 and i.dtype == torch.int64
     assert s.shape == (5, k) and i.shape == (5, k)
-    np.testing.assert_array_equal(i.numpy(), ref_i)
-    np.testing.assert_allclose(s.numpy(), ref_s, atol=1e-6)
+    assert_same_topk((s, i), (ref_s, ref_i), atol=1e-6)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -89,8 +104,7 @@ def test_topk_float32_and_rank_deficient_factors(variant):
     gallery = torch.randn(80, 16)
     s, i = scoring.topk(t.to(dtype=torch.float32), gallery, 12, chunk_rows=30)
     ref_s, ref_i = brute_topk(scoring.dense_scores(t, gallery.double()), 12)
-    np.testing.assert_array_equal(i.numpy(), ref_i)
-    np.testing.assert_allclose(s.numpy(), ref_s, atol=1e-5)
+    assert_same_topk((s, i), (ref_s, ref_i), atol=1e-5)
 
 
 def test_merge_topk_breaks_ties_by_index():
@@ -114,15 +128,11 @@ def test_topk_k_larger_than_gallery_returns_all():
 def test_topk_memmap_fp16(tmp_path):
     rng = np.random.default_rng(0)
     data = rng.standard_normal((203, 16)).astype(np.float16)
-    mm = np.memmap(tmp_path / "g.f16", dtype=np.float16, mode="w+", shape=data.shape)
-    mm[:] = data
-    mm.flush()
-    mm = np.memmap(tmp_path / "g.f16", dtype=np.float16, mode="r", shape=data.shape)
+    mm = fp16_memmap(tmp_path / "g.f16", data)
     t = random_transform(3, 16, 4, "released")
     s, i = scoring.topk(t, mm, 20, chunk_rows=50)
     ref_s, ref_i = brute_topk(scoring.dense_scores(t, torch.from_numpy(data).double()), 20)
-    np.testing.assert_array_equal(i.numpy(), ref_i)
-    np.testing.assert_allclose(s.numpy(), ref_s, atol=1e-6)
+    assert_same_topk((s, i), (ref_s, ref_i), atol=1e-6)
     # the same rows as an fp16 tensor give the same answer
     s2, i2 = scoring.topk(t, torch.from_numpy(data), 20, chunk_rows=33)
     assert torch.equal(i, i2)
@@ -173,8 +183,7 @@ def test_cosine_topk_matches_brute_force(tmp_path):
     g = gallery.astype(np.float64)
     cos = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (g / np.linalg.norm(g, axis=1, keepdims=True)).T
     ref_s, ref_i = brute_topk(torch.from_numpy(cos), 15)
-    np.testing.assert_array_equal(i.numpy(), ref_i)
-    np.testing.assert_allclose(s.numpy(), ref_s, atol=1e-6)
+    assert_same_topk((s, i), (ref_s, ref_i), atol=1e-6)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -367,8 +376,7 @@ def test_pruned_topk_equals_full_path_and_dense_reference(kind, chunk_rows, k):
     assert s.shape == (5, k) and s.dtype == torch.float32 and i.dtype == torch.int64
     assert torch.equal(i, fi)
     torch.testing.assert_close(s, fs, atol=1e-6, rtol=0)
-    np.testing.assert_array_equal(i.numpy(), ref_i)
-    np.testing.assert_allclose(s.numpy(), ref_s, atol=1e-5)
+    assert_same_topk((s, i), (ref_s, ref_i), atol=1e-5)
     assert stats["pairs"] == 700 * 5 and 0 < stats["rescored"] <= stats["pairs"]
     if kind == "flat":
         assert stats["directions"] == [-1] * 5  # today's path, no bounds to pay for
@@ -390,8 +398,7 @@ def test_pruned_topk_float64_map_matches_dense():
     gallery = torch.randn(300, 20, dtype=torch.float64)
     s, i = scoring.topk(t, gallery, 25, chunk_rows=70)
     ref_s, ref_i = brute_topk(scoring.dense_scores(t, gallery), 25)
-    np.testing.assert_array_equal(i.numpy(), ref_i)
-    np.testing.assert_allclose(s.numpy(), ref_s, atol=1e-6)
+    assert_same_topk((s, i), (ref_s, ref_i), atol=1e-6)
 
 
 @pytest.mark.parametrize("method", scoring.TOPK_METHODS)
@@ -425,17 +432,13 @@ def test_pruned_topk_fp16_memmap_and_sharded_gallery(tmp_path):
     from quari.store import ShardedRows
     rng = np.random.default_rng(2)
     data = rng.standard_normal((1203, 32)).astype(np.float16)
-    mm = np.memmap(tmp_path / "g.f16", dtype=np.float16, mode="w+", shape=data.shape)
-    mm[:] = data
-    mm.flush()
-    mm = np.memmap(tmp_path / "g.f16", dtype=np.float16, mode="r", shape=data.shape)
+    mm = fp16_memmap(tmp_path / "g.f16", data)
     sharded = ShardedRows([mm[:500], mm[500:501], mm[501:]])
     t = model_transform(4, 32, 4)
     ref_s, ref_i = brute_topk(scoring.dense_scores(t, torch.from_numpy(data).double()), 40)
     for gallery in (mm, sharded):
         s, i = scoring.topk(t, gallery, 40, chunk_rows=256)
-        np.testing.assert_array_equal(i.numpy(), ref_i)
-        np.testing.assert_allclose(s.numpy(), ref_s, atol=1e-5)
+        assert_same_topk((s, i), (ref_s, ref_i), atol=1e-5)
 
 
 def test_pruned_topk_query_blocks(monkeypatch):

@@ -29,13 +29,13 @@ import multiprocessing
 import os
 import resource
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from baselines.local_features.matching import save_local_descriptors
+from quari.bench.memory import AnonymousPeak, process_status
 from quari.store import atomic_write_npz
 
 MODES = ("mmap", "in-memory")
@@ -63,39 +63,11 @@ def write_database(path: Path, images: int, descriptors: int, dim: int, seed: in
     atomic_write_npz(path, fill)
 
 
-class AnonymousPeak(threading.Thread):
-    """Samples this process's anonymous resident memory (RssAnon, Linux) every ``interval``
-    seconds and keeps the largest value: the memory a process really needs, which the kernel
-    cannot reclaim (peak RSS also counts clean file pages of memory maps)."""
-
-    def __init__(self, interval: float = 0.005):
-        super().__init__(daemon=True)
-        self.interval, self.peak_gib = interval, 0.0
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            self.peak_gib = max(self.peak_gib, memory_status().get("RssAnon", 0.0))
-            self._stop_event.wait(self.interval)
-
-    def stop(self) -> float:
-        """Stop sampling; the peak in GiB."""
-        self._stop_event.set()
-        self.join()
-        self.peak_gib = max(self.peak_gib, memory_status().get("RssAnon", 0.0))
-        return self.peak_gib
-
-
 def memory_status() -> dict[str, float]:
     """Resident memory of this process in GiB: peak (``peak``), and now, split into anonymous
     and file-backed pages where /proc says so (Linux)."""
     out = {"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}  # KiB on Linux
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile"):
-                out[key] = int(value.split()[0]) / 2 ** 20
+    out.update({k: v / 2 ** 30 for k, v in process_status(("VmRSS", "RssAnon", "RssFile")).items()})
     return out
 
 
@@ -110,7 +82,7 @@ def measure(mode: str, database: str, queries: str, shortlist: np.ndarray,
 
     torch.set_num_threads(threads)
     before = memory_status()
-    sampler = AnonymousPeak()
+    sampler = AnonymousPeak(interval=0.005)
     sampler.start()
     start = time.perf_counter()
     method = ChamferReranker(device="cpu")
@@ -125,7 +97,7 @@ def measure(mode: str, database: str, queries: str, shortlist: np.ndarray,
                            query_ids=method.queries_.ids)
     done = time.perf_counter()
     return {"load_s": loaded - start, "rerank_s": done - loaded, "before": before,
-            "after": memory_status(), "peak_anonymous": sampler.stop(), "scores": scores.numpy()}
+            "after": memory_status(), "peak_anonymous": sampler.stop() / 2 ** 30, "scores": scores.numpy()}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

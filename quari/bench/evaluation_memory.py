@@ -25,11 +25,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+from quari.bench.memory import AnonymousPeak, process_status
 
 SCENARIOS = ("after", "before")
 
@@ -82,39 +83,11 @@ def view(directory: Path, out: Path, shards: int | None, text_ids: bool) -> Path
     return out
 
 
-class AnonPeak:
-    """The largest RssAnon of this process (/proc/self/status), sampled every 10 ms."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def status(field: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.status("RssAnon"))
-            time.sleep(0.01)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.status("RssAnon"))
-        return self.peak
-
-
 def child(args: argparse.Namespace) -> None:
     """One evaluation in this process; prints one JSON line of its measurements."""
     started = time.perf_counter()
-    peak = AnonPeak()
+    peak = AnonymousPeak()
+    peak.start()
     import torch
 
     from quari.evaluation import RetrievalTask, evaluate_search
@@ -151,7 +124,7 @@ def child(args: argparse.Namespace) -> None:
     done = time.perf_counter()
     print(json.dumps({
         "rows": len(gallery), "ids": type(gallery.ids).__name__,
-        "peak_anon_mib": peak.stop() / 2 ** 20, "vm_hwm_mib": AnonPeak.status("VmHWM") / 2 ** 20,
+        "peak_anon_mib": peak.stop() / 2 ** 20, "vm_hwm_mib": process_status(["VmHWM"]).get("VmHWM", 0) / 2 ** 20,
         "import_s": imported - started, "open_s": opened - imported,
         "first_batch_s": first[0] - imported, "total_s": done - imported,
         "metric": result["metrics"]}), flush=True)
