@@ -202,6 +202,13 @@ def rerank_metrics(relevance: Sequence[np.ndarray], num_positives: Sequence[int]
     raise ValueError(f"unknown re-ranking scoring {scoring!r}")
 
 
+def rerank_timing(seconds: float, pairs: int) -> dict[str, float]:
+    """A re-ranking's time in total and per 1k and per 100 (query, candidate) pairs (Table 3's
+    columns)."""
+    return {"seconds": seconds, "ms_per_1k_pairs": 1e6 * seconds / pairs,
+            "ms_per_100_pairs": 1e5 * seconds / pairs}
+
+
 def timed_reranks(method: RetrievalMethod, gallery, batches: Iterable[tuple]
                   ) -> Iterator[tuple[tuple, np.ndarray, float]]:
     """Re-rank each batch ``(queries [B, E], candidate gallery rows [B, n], query ids, ...)`` (the
@@ -248,9 +255,7 @@ def evaluate_rerank(method: RetrievalMethod, task: RetrievalTask, benchmark: str
         reranked[start:start + len(cand)] = np.take_along_axis(cand, order, 1)
         start += len(cand)
     pairs = n_q * reranked.shape[1]
-    result = {"seconds": seconds, "ms_per_1k_pairs": 1e6 * seconds / pairs,
-              "ms_per_100_pairs": 1e5 * seconds / pairs, "shortlist": reranked.shape[1],
-              "num_queries": n_q}
+    result = {**rerank_timing(seconds, pairs), "shortlist": reranked.shape[1], "num_queries": n_q}
     rel = task.relevance(reranked)
     # what the best possible re-ranking of these shortlists scores (quari.reporting.tables)
     result["relevant_in_shortlist"] = [int(sum(r)) for r in rel]

@@ -324,7 +324,7 @@ def rerank_candidates(method, queries, gallery, candidates: dict[str, list[str]]
     and P, from which the best possible ordering's scores follow.
     """
     from quari import metrics
-    from quari.evaluation import rerank_metrics, timed_reranks
+    from quari.evaluation import rerank_metrics, rerank_timing, timed_reranks
     row_of = gallery.index_of()
     missing = sorted({c for q in queries.ids for c in candidates[q] if c not in row_of})
     if missing:
@@ -368,8 +368,7 @@ def rerank_candidates(method, queries, gallery, candidates: dict[str, list[str]]
                                                query_ids),
                      "k": k, "relevant_in_shortlist": hits, "num_positives": counts}
     result = {"metrics": rerank_metrics(relevance, hits, "inquire", k),
-              "seconds": seconds, "ms_per_1k_pairs": 1e6 * seconds / pairs,
-              "ms_per_100_pairs": 1e5 * seconds / pairs, "shortlist": max(by_length),
+              **rerank_timing(seconds, pairs), "shortlist": max(by_length),
               "num_queries": len(queries), "gallery_size": len(gallery),
               "shortlist_source": "benchmark",
               # what the best possible ordering of these lists scores (quari.reporting.tables)
