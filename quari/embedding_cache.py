@@ -77,8 +77,9 @@ def open_image(source: ImageSource):
     return image.convert("RGB")
 
 
-class _ImageDataset(Dataset):
-    """Item n -> (n, transformed tensor or None, failure reason); runs inside the workers."""
+class ImageDataset(Dataset):
+    """Item n -> (n, ``transform(image)`` or None, failure reason); runs inside the workers (the
+    embedding cache's and the local-descriptor extraction's)."""
 
     def __init__(self, sources: Sequence[ImageSource], transform: Callable):
         self.sources, self.transform = sources, transform
@@ -86,7 +87,7 @@ class _ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.sources)
 
-    def __getitem__(self, n: int) -> tuple[int, torch.Tensor | None, str]:
+    def __getitem__(self, n: int) -> tuple[int, Any, str]:
         try:
             return n, self.transform(open_image(self.sources[n])), ""
         except Exception as err:  # any failure to read one image is recorded, not fatal
@@ -235,7 +236,7 @@ def embed_images(encoder: Encoder, items: Sequence[tuple[str, ImageSource]],
     """
     ids = [str(i) for i, _ in items]
     sources = [s for _, s in items]
-    dataset = _ImageDataset(sources, transform)
+    dataset = ImageDataset(sources, transform)
 
     def produce(start: int) -> Iterator[_Batch]:
         batches = shard_batches(start, len(ids), shard_rows, batch_size)

@@ -80,13 +80,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from quari.backbones import ilias_size
 from quari.devices import resolve_device
-from quari.embedding_cache import (ImageSource, check_ids, ids_digest, open_image, read_items_tsv,
-                                   shard_batches)
+from quari.embedding_cache import (ImageDataset, ImageSource, check_ids, ids_digest,
+                                   read_items_tsv, shard_batches)
 from baselines.local_features.matching import (LocalDescriptors, load_local_descriptors,
                                                save_local_descriptors)
 from quari.store import (NpzWriter, atomic_write_json, atomic_write_npz, atomic_write_text,
@@ -257,23 +257,6 @@ class DinoLocalExtractor:
 
 # ----------------------------------------------------------------------------- extraction driver
 
-class _Images(Dataset):
-    """Item i -> (i, pixels, meta) or (i, None, reason); decoding runs in the workers."""
-
-    def __init__(self, sources: Sequence[ImageSource], transform: LocalTransform):
-        self.sources, self.transform = sources, transform
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, i: int):
-        try:
-            pixels, meta = self.transform(open_image(self.sources[i]))
-            return i, pixels, meta
-        except Exception as err:  # one unreadable image is recorded and skipped, never fatal
-            return i, None, " ".join(f"{type(err).__name__}: {err}".split())
-
-
 def _fingerprint(config: LocalDescriptorConfig, ids: Sequence[str], part_images: int) -> str:
     fields = asdict(config)
     if fields["detector"] is None:  # jobs from before the detector option keep their fingerprint
@@ -321,7 +304,7 @@ def _merge_parts(out_path: Path, part_paths: Sequence[Path]) -> int:
     return total
 
 
-def _extract_part(extractor: DinoLocalExtractor, dataset: _Images, part: range, n: int,
+def _extract_part(extractor: DinoLocalExtractor, dataset: ImageDataset, part: range, n: int,
                   batch_size: int, num_workers: int, bar
                   ) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray] | None, tuple, str]]:
     """(position, result or None, (width, height), skip reason) of each item of a part, in order."""
@@ -331,16 +314,17 @@ def _extract_part(extractor: DinoLocalExtractor, dataset: _Images, part: range, 
     for samples in loader:
         results: dict[int, tuple] = {}
         groups: dict[tuple[int, ...], list] = {}  # one forward pass per input size
-        for i, pixels, meta in samples:
-            if pixels is not None:
+        for i, transformed, _ in samples:
+            if transformed is not None:  # (pixels, resize meta)
+                pixels, meta = transformed
                 groups.setdefault(tuple(pixels.shape), []).append((i, pixels, meta))
         for members in groups.values():
             extracted = extractor.extract(torch.stack([p for _, p, _ in members]),
                                           [m for _, _, m in members], n)
             results.update({i: (r, (m.width, m.height)) for (i, _, m), r in zip(members, extracted)})
-        for i, pixels, meta_or_reason in samples:
-            if pixels is None:  # the dataset returned the failure reason in place of the sizes
-                yield i, None, (0, 0), meta_or_reason
+        for i, transformed, reason in samples:
+            if transformed is None:
+                yield i, None, (0, 0), " ".join(reason.split())
             else:
                 yield i, results[i][0], results[i][1], ""
         bar.update(len(samples))
@@ -387,7 +371,7 @@ def extract_local_descriptors(extractor: DinoLocalExtractor,
     atomic_write_json(state_path, {"fingerprint": fingerprint})
 
     n, dim = config.num_descriptors, extractor.dim
-    dataset = _Images([s for _, s in items], extractor.transform(config.resolution))
+    dataset = ImageDataset([s for _, s in items], extractor.transform(config.resolution))
     parts = [range(s, min(s + part_images, len(ids))) for s in range(0, len(ids), part_images)]
     bar = tqdm(total=len(ids), unit="img", desc="local descriptors", disable=not progress,
                dynamic_ncols=True)
