@@ -5,8 +5,15 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from tests.builders import PAYLOAD, FileServerHandler
+
+
+def pytest_runtest_setup(item):
+    """A test marked ``gpu`` is skipped, saying why, where no CUDA device is visible."""
+    if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
 
 
 @pytest.fixture

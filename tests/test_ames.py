@@ -389,8 +389,6 @@ def test_memory_mapped_and_in_memory_descriptors_score_the_same(local_world, mon
 
 @pytest.mark.gpu
 def test_cuda_matches_cpu(local_world):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
     cls = get_method("ames")
     shortlist = np.array([[0, 1, 3, 4, 5, 6], [6, 5, 4, 3, 1, 0]])
     scores = {}

@@ -184,8 +184,6 @@ def test_cuda_request_falls_back_to_cpu(tiny_clip):
 
 @pytest.mark.gpu
 def test_cuda_mixed_precision_matches_cpu(tiny_siglip):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     directory, info = tiny_siglip
     images = pad_collate([ilias_transform(info)(torch.rand(3, 60, 30)) for _ in range(2)])
     cpu = load_backbone(info, path=directory).encode_images(images)

@@ -220,8 +220,6 @@ def test_command_line(tiny, tmp_path, monkeypatch):
 
 @pytest.mark.gpu
 def test_cuda_mixed_precision_matches_cpu(tiny, encoder, tmp_path):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     model_dir, info, items = tiny
     kwargs = dict(transform=ilias_transform(info), batch_size=4, num_workers=2, progress=False)
     cpu = embed_images(encoder, items, tmp_path / "cpu", **kwargs)

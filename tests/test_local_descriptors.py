@@ -236,8 +236,6 @@ def test_detector_must_fit_the_model(model_dir, tmp_path):
 
 @pytest.mark.gpu
 def test_cuda_half_precision_matches_cpu(images, model_dir, tmp_path):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
     config = LocalDescriptorConfig(model=model_dir, num_descriptors=12, resolution=RESOLUTION,
                                    dtype="float32")
     cpu = extract_local_descriptors(DinoLocalExtractor(model_dir), images, tmp_path / "cpu.npz",

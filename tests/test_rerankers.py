@@ -271,8 +271,6 @@ def test_chamfer_reads_float16_rows_and_converts_them(rng):
 @pytest.mark.gpu
 def test_chamfer_on_cuda_matches_cpu(local_world):
     """Candidates are gathered on the CPU in their stored dtype and moved chunk by chunk."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
     gallery = np.zeros((5, 4), dtype=np.float32)
     shortlist = np.array([[1, 0, 4, 2, 3], [3, 2, 1, 0, 4]])
     scores = {device: ChamferReranker(device=device).fit(None, **local_world["context"]).rerank(

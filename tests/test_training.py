@@ -262,8 +262,6 @@ def test_bad_config():
 
 @pytest.mark.gpu
 def test_cuda_mixed_precision_runs():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
     for dtype in ("float16", "bfloat16"):
         result = train(tiny_train(device="cuda", amp=True, amp_dtype=dtype, use_noise=True),
                        tiny_model(), toy_data(0), toy_data(1), progress=False)

@@ -181,8 +181,6 @@ def test_missing_inputs_fail_clearly(tiny_llava, world):
 
 @pytest.mark.gpu
 def test_cuda_half_precision_matches_cpu(tiny_llava, world):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
     ids = ["img0", "img1", "img2", "img4"]
     scores = {}
     for device in ("cpu", "cuda"):

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from quari import scoring
+from quari.devices import synchronize
 from quari.transform import QueryTransform
 
 #: the synthetic backbone the trained maps live in (its dimension is --dim)
@@ -123,12 +124,10 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple
     """Best wall time of ``repeats`` calls of ``fn`` (synchronising CUDA) and its last result."""
     best, result = float("inf"), None
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best, result
 
