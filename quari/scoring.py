@@ -29,6 +29,7 @@ Everything here except the streaming searches is differentiable and used by trai
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -138,13 +139,38 @@ def read_rows(gallery: Gallery, start: int, stop: int, device: torch.device,
               dtype: torch.dtype) -> torch.Tensor:
     """Rows [start, stop) of a tensor, array or memmap as a tensor of ``dtype`` on ``device``.
 
-    The streaming searches read the gallery through this, one chunk at a time.
+    The streaming searches read the gallery through this, one chunk at a time. A memory-mapped
+    chunk is converted straight from the map's pages (no intermediate copy); the result never
+    shares memory with the map.
     """
     chunk = gallery[start:stop]
-    if not isinstance(chunk, torch.Tensor):
-        # a copy: a read-only memmap cannot back a tensor
-        chunk = torch.from_numpy(np.array(chunk, order="C", copy=True))
-    return chunk.to(device=device, dtype=dtype)
+    if isinstance(chunk, torch.Tensor):
+        return chunk.to(device=device, dtype=dtype)
+    return _from_array(np.asarray(chunk), device, dtype)
+
+
+def read_rows_at(gallery: Gallery, index: torch.Tensor, device: torch.device,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``index`` (int64 [m], increasing) of a tensor, array, memmap or
+    :class:`quari.store.ShardedRows` as a tensor [m, E] of ``dtype`` on ``device``."""
+    if isinstance(gallery, torch.Tensor):
+        return gallery[index.to(gallery.device)].to(device=device, dtype=dtype)
+    return _from_array(np.asarray(gallery[index.cpu().numpy()]), device, dtype)
+
+
+def _from_array(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of ``dtype`` on ``device`` with the values of ``array``, owning its memory."""
+    array = np.ascontiguousarray(array)
+    if array.flags.writeable:
+        tensor = torch.from_numpy(array)
+    else:
+        # a read-only memmap: only read here (the .to below copies), so torch's warning about
+        # writing through a non-writable array does not apply
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(array)
+    shared = isinstance(array, np.memmap) or not array.flags.owndata or not array.flags.writeable
+    return tensor.to(device=device, dtype=dtype, copy=shared)
 
 
 def merge_topk(best_s: torch.Tensor, best_i: torch.Tensor, new_s: torch.Tensor,
@@ -189,20 +215,33 @@ def _check_gallery(gallery: Gallery, dim: int, k: int) -> int:
 def _orthonormal_basis(right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q [B, E, k] with orthonormal columns and T [B, k, r] such that right = Q T.
 
-    Cholesky QR in float64 (two small BLAS-3 steps; LAPACK's batched QR can be orders of
-    magnitude slower on busy CPUs), with Householder QR for the queries whose R is rank
-    deficient or too ill-conditioned for it.
+    Cholesky QR done twice in float64 (CholeskyQR2: the second pass restores the orthogonality
+    the first loses on ill-conditioned factors, as trained QuARI's are, condition ~1e6), each
+    pass one Gram product, a Cholesky factorisation and one product with the inverse of the
+    small triangular factor (BLAS-3 only: LAPACK's batched Householder QR and triangular
+    solves with E right-hand sides can take seconds on busy CPUs). Both |Q^T Q - I| and
+    |Q T - right| (relative) are checked against ORTHONORMAL_TOL; queries whose R is rank
+    deficient or too ill-conditioned take Householder QR.
     """
     r64 = right.double()
     batch, dim, rank = r64.shape
     if rank > dim:
         q_basis, tri = torch.linalg.qr(r64)
         return q_basis.to(right.dtype), tri.to(right.dtype)
-    tri, info = torch.linalg.cholesky_ex(r64.transpose(1, 2) @ r64, upper=True)
-    q_basis = torch.linalg.solve_triangular(tri, r64, upper=True, left=False)
     eye = torch.eye(rank, dtype=torch.float64, device=right.device)
+    q_basis, tri = r64, None
+    ok = torch.ones(batch, dtype=torch.bool, device=right.device)
+    for _ in range(2):
+        step, info = torch.linalg.cholesky_ex(q_basis.transpose(1, 2) @ q_basis, upper=True)
+        ok &= info == 0
+        step = torch.where(ok[:, None, None], step, eye)  # failed queries: redone below
+        inverse = torch.linalg.solve_triangular(step, eye.expand_as(step), upper=True)
+        q_basis = q_basis @ inverse
+        tri = step if tri is None else step @ tri
     error = (q_basis.transpose(1, 2) @ q_basis - eye).abs().amax(dim=(1, 2))
-    bad = (info != 0) | ~(error <= ORTHONORMAL_TOL)
+    scale = r64.abs().amax(dim=(1, 2)).clamp_min(torch.finfo(torch.float64).tiny)
+    residual = (q_basis @ tri - r64).abs().amax(dim=(1, 2)) / scale
+    bad = ~ok | ~(error <= ORTHONORMAL_TOL) | ~(residual <= ORTHONORMAL_TOL)
     if bad.any():
         q_basis[bad], tri[bad] = torch.linalg.qr(r64[bad])
     return q_basis.to(right.dtype), tri.to(right.dtype)
@@ -247,8 +286,12 @@ def _search_scores(num: torch.Tensor, proj: torch.Tensor, anchor: float,
 #     x_i = d . e_i,  rho = ||d||^2 - sum_J x_i^2,
 #
 # so 1 + j dot products per row and query bound the row's exact score from both sides. A row
-# whose upper bound is below the k-th best lower bound seen so far (exact scores of the running
-# top k included) cannot enter the top k; the others are rescored with the exact formula.
+# whose upper bound is below the k-th best lower bound seen so far (exact scores included)
+# cannot enter the top k. The search screens every row of a chunk with a cheap upper bound (one
+# more small matrix product and four passes over the [n, B] scores), computes both bounds for
+# the rows that pass, and keeps in a per-query pool those whose upper bound reaches the running
+# threshold; only the rows still in the pool after the last chunk (those that can beat the
+# final threshold) are read again and rescored with the exact formula.
 
 #: most eigen-directions of M a query keeps exactly in its bounds
 PRUNE_MAX_DIRECTIONS = 8
@@ -264,7 +307,12 @@ DENSE_FRACTION = 0.25
 #: float32's unit roundoff: scores are compared and merged in float32)
 SCORE_MARGIN_ULPS = 8.0
 #: per-query [B, n] temporaries of the bounds, counted against BLOCK_ELEMENTS
-BOUND_TEMPORARIES = 8
+BOUND_TEMPORARIES = 4
+#: a query's pool of rows awaiting their exact score is rescored early (its rows read again)
+#: once it holds more than POOL_FACTOR * k rows (and at least POOL_MIN_ROWS), so memory stays
+#: bounded however loose the bounds
+POOL_FACTOR = 4
+POOL_MIN_ROWS = 4096
 
 
 def map_spectrum(transform: QueryTransform) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,6 +323,20 @@ def map_spectrum(transform: QueryTransform) -> tuple[torch.Tensor, torch.Tensor]
     [L|R] = Q T (Q orthonormal) M = Q (T C T^T) Q^T, so the eigen-problem is m x m. Every other
     direction of R^E has eigenvalue 0.
     """
+    values, vectors, basis, _ = _spectrum(transform, exact=True)
+    return values, basis @ vectors
+
+
+def _spectrum(transform: QueryTransform, exact: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values [B, m] ascending, V [B, m, m] orthonormal, Q [B, E, m], off [B]) with
+    M = Q V (diag(values) + F) V^T Q^T and ||F||_F <= off, in float64 (see :func:`map_spectrum`).
+
+    ``exact``: V from a float64 eigensolver (off = 0). Otherwise V comes from a float32 one
+    (several times faster on CPU), orthonormalised in float64, and the values are the Rayleigh
+    quotients of its columns; F is what is left off the diagonal, whose norm the pruned
+    search's margins absorb (so its bounds stay rigorous whatever the float32 solver's error).
+    """
     t = transform.detach().to(dtype=torch.float64)
     a, s, r = t.anchor, t.scale, t.rank
     basis, tri = _orthonormal_basis(torch.cat([t.left, t.right], dim=2))
@@ -282,8 +344,17 @@ def map_spectrum(transform: QueryTransform) -> tuple[torch.Tensor, torch.Tensor]
     eye = torch.eye(r, dtype=torch.float64, device=gram.device).expand_as(gram)
     core = torch.cat([torch.cat([s * s * gram, a * s * eye], dim=2),
                       torch.cat([a * s * eye, torch.zeros_like(gram)], dim=2)], dim=1)
-    values, vectors = torch.linalg.eigh(tri @ core @ tri.transpose(1, 2))
-    return values, basis @ vectors
+    small = tri @ core @ tri.transpose(1, 2)
+    small = (small + small.transpose(1, 2)) / 2
+    if exact:
+        values, vectors = torch.linalg.eigh(small)
+        return values, vectors, basis, values.new_zeros(values.shape[0])
+    vectors, _ = _orthonormal_basis(torch.linalg.eigh(small.float())[1].double())
+    quotients = vectors.transpose(1, 2) @ small @ vectors
+    values = quotients.diagonal(dim1=1, dim2=2)
+    off = torch.linalg.matrix_norm(quotients - torch.diag_embed(values))
+    values, order = torch.sort(values, dim=1)
+    return values, vectors.gather(2, order[:, None, :].expand_as(vectors)), basis, off
 
 
 def _matmul_roundoff(dtype: torch.dtype) -> float:
@@ -322,7 +393,9 @@ class PrunePlan:
 
     anchor: float
     columns: torch.Tensor  # [B, E, c]: the exact path's factor columns [A | Q]
-    mat: torch.Tensor  # [E, B + J]: numerator vectors w_1..w_B, then every kept direction
+    mat: torch.Tensor  # [E, B + J + 1]: numerator vectors w_1..w_B, every kept direction, 0
+    screen: torch.Tensor  # [J + 1, B]: the screening bound's ||dW||^2 >= [x_J^2, ||d||^2] . this
+    screen_hi: torch.Tensor  # [J + 1, B]: and ||dW||^2 <= [x_J^2, ||d||^2] . this
     owner: torch.Tensor  # [J] int64: the query of each kept direction (ascending)
     lam: torch.Tensor  # [J]: its eigenvalue
     lam_lo: torch.Tensor  # [B] smallest eigenvalue bound of the directions not kept (<= 0)
@@ -342,8 +415,11 @@ class PrunePlan:
         first = int(self.directions[:sl.start].sum())
         count = int(self.directions[sl].sum())
         batch = self.batch_size
-        cols = torch.cat([self.mat[:, sl], self.mat[:, batch + first:batch + first + count]], 1)
-        return PrunePlan(self.anchor, self.columns[sl], cols,
+        cols = torch.cat([self.mat[:, sl], self.mat[:, batch + first:batch + first + count],
+                          self.mat[:, -1:]], 1)
+        screen, screen_hi = (torch.cat([m[first:first + count, sl], m[-1:, sl]])
+                             for m in (self.screen, self.screen_hi))
+        return PrunePlan(self.anchor, self.columns[sl], cols, screen, screen_hi,
                          self.owner[first:first + count] - sl.start,
                          self.lam[first:first + count], self.lam_lo[sl], self.lam_hi[sl],
                          self.margin[sl], self.num_margin[sl], self.score_margin,
@@ -351,7 +427,7 @@ class PrunePlan:
 
 
 def _rounding_margins(t: QueryTransform, columns: torch.Tensor, w: torch.Tensor,
-                      values: torch.Tensor, kept: torch.Tensor
+                      values: torch.Tensor, kept: torch.Tensor, off: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Margins [B] of ||dW||^2 (in units of ||d||^2) and of the numerator (in units of ||d||)
     under which the bounds hold for the scores either exact path computes, rounding included.
@@ -363,19 +439,26 @@ def _rounding_margins(t: QueryTransform, columns: torch.Tensor, w: torch.Tensor,
     gamma (2 ||A||_2 ||A||_F + 2 a^2 ||Q||_F + ||A||_2^2 + a^2) ||d||^2 of ||dW||^2
     (||A||_2^2 <= a^2 + ||M||); the bounds' a^2 ||d||^2 + sum_J (lam_i - lam_b) x_i^2 + lam_b
     ||d||^2 within gamma (4 sqrt(j) ||M|| + a^2 + ||M||) ||d||^2. The non-orthonormality of
-    the float64 bases (at most ORTHONORMAL_TOL) adds 8 ORTHONORMAL_TOL (a^2 + ||M||).
+    the float64 bases (at most ORTHONORMAL_TOL) adds 8 ORTHONORMAL_TOL (a^2 + ||M||). The
+    screening bound sums the same j + 1 terms (each at most (a^2 + 3 ||M||) ||d||^2 in size,
+    from float32 coefficients) in one more matrix product of length J + 1 whose other entries
+    are exact zeros: (PRUNE_MAX_DIRECTIONS + 3) u (a^2 + 3 ||M||) more covers it. An
+    approximate eigen-decomposition (:func:`_spectrum`) adds its off-diagonal norm ``off``:
+    |y^T F y| <= ||F||_2 ||y||^2 <= off ||d||^2.
     """
     dim, r = t.dim, t.rank
     u = _matmul_roundoff(t.query.dtype)
     gamma = dim * u / (1 - dim * u)
     a2 = t.anchor * t.anchor
-    norm_m = values.abs().amax(dim=1)
+    norm_m = values.abs().amax(dim=1) + off  # ||M||, with an approximate spectrum's error
     a_spec = (a2 + norm_m).sqrt()
     a_fro = torch.linalg.vector_norm(columns[..., :r].double(), dim=(1, 2))
     q_fro = torch.linalg.vector_norm(columns[..., r:].double(), dim=(1, 2))
     exact_path = 2 * a_spec * a_fro + 2 * a2 * q_fro + a_spec ** 2 + a2
     bounds = 4 * kept.double().sqrt() * norm_m + a2 + norm_m
-    margin = gamma * (exact_path + bounds) + 8 * ORTHONORMAL_TOL * (a2 + norm_m)
+    margin = (gamma * (exact_path + bounds) + 8 * ORTHONORMAL_TOL * (a2 + norm_m)
+              + (PRUNE_MAX_DIRECTIONS + 3) * max(u, 2.0 ** -24) * (a2 + 3 * norm_m)
+              + off * (1 + 8 * ORTHONORMAL_TOL))
     return margin, 2 * gamma * torch.linalg.vector_norm(w.double(), dim=1)
 
 
@@ -397,7 +480,7 @@ def prune_plan(transform: QueryTransform, n_rows: int, k: int, chunk_rows: int =
     a, dtype, device = t.anchor, t.query.dtype, t.query.device
     batch, dim = t.batch_size, t.dim
     columns, w = _search_columns(t)
-    values, vectors = map_spectrum(t)
+    values, vectors, basis, off = _spectrum(t, exact=False)
     m = values.shape[1]
     top = min(PRUNE_MAX_DIRECTIONS if directions is None else directions, m)
     zero = values.new_zeros(batch)
@@ -423,47 +506,67 @@ def prune_plan(transform: QueryTransform, n_rows: int, k: int, chunk_rows: int =
         if not bounded[b]:
             continue
         index = list(range(jn)) + list(range(m - 1, m - 1 - jp, -1))
-        kept.append(vectors[b][:, index])
+        kept.append(basis[b] @ vectors[b][:, index])
         lam.append(values[b, index])
         owner += [b] * len(index)
     count = len(owner)
     lam = torch.cat(lam) if lam else values.new_zeros(0)
     owner_t = torch.tensor(owner, dtype=torch.int64, device=device)
-    mat = torch.cat([w.T.to(torch.float64)] + kept, dim=1) if kept else w.T.to(torch.float64)
+    mat = torch.cat([w.T.to(torch.float64)] + kept + [values.new_zeros(dim, 1)], dim=1)
     lam_lo = torch.stack([options[o][2][b] for b, o in enumerate(choice.tolist())])
     lam_hi = torch.stack([options[o][3][b] for b, o in enumerate(choice.tolist())])
     directions_kept = torch.bincount(owner_t, minlength=batch) if count else torch.zeros(
         batch, dtype=torch.int64, device=device)
-    margin, num_margin = _rounding_margins(t, columns, w, values, directions_kept)
-    return PrunePlan(anchor=a, columns=columns, mat=mat.to(dtype), owner=owner_t,
-                     lam=lam.to(dtype),
+    margin, num_margin = _rounding_margins(t, columns, w, values, directions_kept, off)
+    # ||dW||^2 >= (a^2 - margin + lam_lo) ||d||^2 + sum_J (lam_i - lam_lo) x_i^2: the lower
+    # bound of the norm (rho not clamped at 0; the margin covers its rounding) as one product
+    # (and <= (a^2 + margin + lam_hi) ||d||^2 + sum_J (lam_i - lam_hi) x_i^2)
+    screen, screen_hi = values.new_zeros(2, count + 1, batch)
+    screen[torch.arange(count, device=device), owner_t] = lam - lam_lo[owner_t]
+    screen[count] = a * a - margin + lam_lo
+    screen_hi[torch.arange(count, device=device), owner_t] = lam - lam_hi[owner_t]
+    screen_hi[count] = a * a + margin + lam_hi
+    return PrunePlan(anchor=a, columns=columns, mat=mat.to(dtype), screen=screen.to(dtype),
+                     screen_hi=screen_hi.to(dtype),
+                     owner=owner_t, lam=lam.to(dtype),
                      lam_lo=lam_lo.to(dtype), lam_hi=lam_hi.to(dtype), margin=margin.to(dtype),
                      num_margin=num_margin.to(dtype),
                      score_margin=SCORE_MARGIN_ULPS * torch.finfo(torch.float32).eps / 2,
                      bounded=bounded, directions=directions_kept)
 
 
-def _bound_terms(plan: PrunePlan, rows: torch.Tensor, dd: torch.Tensor
-                 ) -> tuple[torch.Tensor, ...]:
-    """(num, sq_lo, sq_hi, shift), each [B, n]: numerators, the bounds of ||dW||^2 (margins
-    included) and the numerators' margin, for every query of ``plan`` and row of ``rows``."""
+def _products(plan: PrunePlan, rows: torch.Tensor, dd: torch.Tensor) -> torch.Tensor:
+    """x [n, B + J + 1] = rows [n, E] @ plan.mat, in one product: the numerators d . w_b, then
+    the squares x_i^2 of the kept directions' products, then ||d||^2 (``dd`` [n])."""
     batch = plan.batch_size
-    x = (rows @ plan.mat).T  # [B + J, n]: one product for numerators and kept directions
-    num = x[:batch]
+    x = rows @ plan.mat
+    x[:, batch:-1].square_()
+    x[:, -1] = dd
+    return x
+
+
+def _bound_terms(plan: PrunePlan, x: torch.Tensor, index: torch.Tensor
+                 ) -> tuple[torch.Tensor, ...]:
+    """(num, sq_lo, sq_hi, shift), each [B, w]: the numerators, the bounds of ||dW||^2 (margins
+    included) and the numerators' margin of rows ``index`` [B, w] (row b: query b's rows) of a
+    chunk whose products are ``x`` (:func:`_products`)."""
+    batch = plan.batch_size
+    num = x[:, :batch].T.gather(1, index)
+    dd = x[:, -1][index]
     a2 = plan.anchor * plan.anchor
-    sq_lo = (a2 - plan.margin)[:, None] * dd[None]
-    sq_hi = (a2 + plan.margin)[:, None] * dd[None]
-    rest = dd[None].expand(batch, -1)
+    sq_lo = (a2 - plan.margin)[:, None] * dd
+    sq_hi = (a2 + plan.margin)[:, None] * dd
+    rest = dd
     if plan.owner.numel():
-        kept = x[batch:].square_()
+        kept = x[:, batch:-1].T.gather(1, index[plan.owner])  # [J, w]: x_i^2
         seen = torch.zeros_like(num).index_add_(0, plan.owner, kept)  # sum_J x_i^2
         exact = torch.zeros_like(num).index_add_(0, plan.owner, kept.mul_(plan.lam[:, None]))
         sq_lo += exact
         sq_hi += exact
-        rest = (rest - seen).clamp_min_(0)
+        rest = (dd - seen).clamp_min_(0)
     sq_lo.addcmul_(plan.lam_lo[:, None], rest)
     sq_hi.addcmul_(plan.lam_hi[:, None], rest)
-    shift = plan.num_margin[:, None] * dd.sqrt()[None]
+    shift = plan.num_margin[:, None] * dd.sqrt()
     return num, sq_lo, sq_hi, shift
 
 
@@ -484,6 +587,28 @@ def _lower_bound(num, sq_lo, sq_hi, shift, score_margin: float) -> torch.Tensor:
     return lower.sub_(lower.abs(), alpha=score_margin)
 
 
+def _screen(plan: PrunePlan, x: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """Screening values [n, B] of a chunk with products ``x`` and row norms ``norms`` [n]: the
+    numerator at the top of its margin over the lower bound of ||dW|| (the plan's ``screen``
+    product). For every row, the exact score is at most max(value, 0) (1 + score_margin): a row
+    whose value is below tau (1 - 2 score_margin), tau > 0, cannot score tau."""
+    batch = plan.batch_size
+    value = torch.addr(x[:, :batch], norms, plan.num_margin)
+    return value.mul_((x[:, batch:] @ plan.screen).clamp_min_(NORM_EPS ** 2).rsqrt_())
+
+
+def _seed(plan: PrunePlan, x: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """Lower bounds [n, B] of a chunk's exact scores, -inf where the numerator may be negative,
+    from the products ``x`` alone (the plan's ``screen_hi`` product): for every row, the exact
+    score is at least value (1 - score_margin). They give a first threshold to a query that has
+    none yet, so that its screening keeps about k rows of the chunk rather than all."""
+    batch = plan.batch_size
+    bottom = torch.addr(x[:, :batch], norms, plan.num_margin, alpha=-1)
+    negative = bottom < 0
+    value = bottom.mul_((x[:, batch:] @ plan.screen_hi).clamp_min_(NORM_EPS ** 2).rsqrt_())
+    return value.masked_fill_(negative, float("-inf"))
+
+
 def score_bounds(plan: PrunePlan, rows: torch.Tensor, dd: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(numerators, lower bounds, upper bounds), each [B, n], of the exact scores of ``rows``
@@ -494,13 +619,23 @@ def score_bounds(plan: PrunePlan, rows: torch.Tensor, dd: torch.Tensor | None = 
     """
     if dd is None:
         dd = torch.linalg.vector_norm(rows, dim=1).square()
-    terms = _bound_terms(plan, rows, dd)
+    x = _products(plan, rows, dd)
+    index = torch.arange(rows.shape[0], device=rows.device).expand(plan.batch_size, -1)
+    terms = _bound_terms(plan, x, index)
     upper = _upper_bound(*terms, plan.score_margin)
     lower = _lower_bound(*terms, plan.score_margin)
     if not bool(plan.bounded.all()):
         upper[~plan.bounded] = float("inf")
         lower[~plan.bounded] = float("-inf")
     return terms[0], lower, upper
+
+
+def screen_bounds(plan: PrunePlan, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seed and screening values [B, n] of ``rows`` [n, E] (:func:`_seed`,
+    :func:`_screen`), for tests."""
+    dd = torch.linalg.vector_norm(rows, dim=1).square()
+    x = _products(plan, rows, dd)
+    return _seed(plan, x, dd.sqrt()).T, _screen(plan, x, dd.sqrt()).T
 
 
 def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -535,7 +670,8 @@ def _groups(sizes: list[int], per_item: int) -> list[list[int]]:
 
 def _rescore_dense(plan: PrunePlan, queries: list[int], rows: torch.Tensor, num: torch.Tensor,
                    dd: torch.Tensor) -> torch.Tensor:
-    """Exact scores [len(queries), n] of every row for some queries of the plan."""
+    """Exact scores [len(queries), n] of every row for some queries of the plan (``num``
+    [B, n]: the numerators)."""
     n, dim = rows.shape
     c = plan.columns.shape[2]
     out = []
@@ -548,11 +684,91 @@ def _rescore_dense(plan: PrunePlan, queries: list[int], rows: torch.Tensor, num:
     return torch.cat(out)
 
 
-def _rescore_sparse(plan: PrunePlan, queries: torch.Tensor, index: torch.Tensor,
-                    rows: torch.Tensor, num: torch.Tensor, dd: torch.Tensor) -> torch.Tensor:
-    """Exact scores [b, s] of rows ``index`` [b, s] (padded) for queries ``queries`` [b]."""
-    proj = torch.bmm(rows[index], plan.columns[queries])  # [b, s, c]
-    return _search_scores(num[queries].gather(1, index), proj, plan.anchor, dd[index])
+def _merge_any(best_s: torch.Tensor, best_i: torch.Tensor, new_s: torch.Tensor,
+               new_i: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top k ([B, k], sorted, ties to the lower index) of two sets of (score, distinct index)
+    entries in any order; ``best_s`` has k columns (padding: score -inf)."""
+    s = torch.cat([best_s, new_s], dim=1)
+    i = torch.cat([best_i, new_i], dim=1)
+    order = torch.sort(i, dim=1, stable=True).indices
+    s, i = s.gather(1, order), i.gather(1, order)
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
+    return s.gather(1, order), i.gather(1, order)
+
+
+def _kth(k: int, *scores: torch.Tensor) -> torch.Tensor:
+    """[B, 1]: the k-th largest entry of each row of the concatenated ``scores`` (>= k columns)."""
+    pool = torch.cat(scores, dim=1)
+    return torch.topk(pool, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+
+
+@dataclass
+class _Pool:
+    """Per query, the rows whose bounds leave them a chance to enter the top k: lower and upper
+    bounds (float32) and global row indices (-1: padding), each [b, width]."""
+
+    lower: torch.Tensor
+    upper: torch.Tensor
+    index: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch: int, device: torch.device) -> "_Pool":
+        s, i = _empty(batch, device)
+        return cls(s, s.clone(), i)
+
+    def add(self, lower, upper, index, keep: torch.Tensor, tau: torch.Tensor) -> None:
+        """Adds the entries ``keep`` of (lower, upper, index) [b, w]; then keeps only the rows
+        whose upper bound reaches ``tau`` [b, 1]."""
+        lower = torch.cat([self.lower, lower], dim=1)
+        upper = torch.cat([self.upper, upper], dim=1)
+        index = torch.cat([self.index, index], dim=1)
+        keep = torch.cat([self.index >= 0, keep], dim=1) & (upper >= tau)
+        where, valid = _compact(keep)
+        self.lower = lower.gather(1, where).masked_fill_(~valid, float("-inf"))
+        self.upper = upper.gather(1, where).masked_fill_(~valid, float("-inf"))
+        self.index = index.gather(1, where).masked_fill_(~valid, -1)
+
+    def sizes(self) -> torch.Tensor:
+        return (self.index >= 0).sum(dim=1)
+
+    def clear(self, queries: torch.Tensor) -> None:
+        self.lower[queries] = float("-inf")
+        self.upper[queries] = float("-inf")
+        self.index[queries] = -1
+
+
+def _rescore_pool(plan: PrunePlan, pool: _Pool, queries: list[int], gallery: Gallery,
+                  n_rows: int, best: tuple[torch.Tensor, torch.Tensor], k: int
+                  ) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
+    """Reads the pooled rows of ``queries`` (of ``plan``) again, scores them exactly and merges
+    them into their running top k ``best`` ([b, k] each). Returns (best, pairs scored)."""
+    best_s, best_i = best
+    device, dtype = plan.mat.device, plan.mat.dtype
+    dim = plan.columns.shape[1]
+    c = plan.columns.shape[2]
+    sizes = pool.sizes()
+    counts = [int(sizes[q]) for q in queries]
+    scored = 0
+    for group in _groups(counts, dim + c + 1):
+        width = max(counts[i] for i in group)
+        if width == 0:
+            continue
+        q = torch.tensor([queries[i] for i in group], device=device)
+        index = pool.index[q, :width]
+        valid = index >= 0
+        wanted, where = torch.unique(index[valid], sorted=True, return_inverse=True)
+        rows = read_rows_at(gallery, wanted, device, dtype)
+        at = torch.zeros_like(index)
+        at[valid] = where
+        columns = torch.cat([plan.columns[q], plan.mat[:, q].T[:, :, None]], dim=2)
+        proj = torch.bmm(rows[at], columns)  # [g, width, c + 1]: [A | Q] and the numerator
+        dd = torch.linalg.vector_norm(rows, dim=1).square()[at]
+        s = _search_scores(proj[..., -1], proj[..., :-1], plan.anchor, dd).float()
+        s = s.masked_fill_(~valid, float("-inf"))
+        ids = torch.where(valid, index, n_rows)
+        best_s[q], best_i[q] = _merge_any(best_s[q], best_i[q], s, ids, k)
+        scored += int(valid.sum())
+    return (best_s, best_i), scored
 
 
 def _topk_pruned(t: QueryTransform, gallery: Gallery, k: int, chunk_rows: int, n_rows: int,
@@ -562,8 +778,8 @@ def _topk_pruned(t: QueryTransform, gallery: Gallery, k: int, chunk_rows: int, n
     plan = prune_plan(t, n_rows, k, chunk_rows)
     batch, dim, c = plan.columns.shape
     n_chunk = max(1, min(chunk_rows, n_rows))
-    # query blocks: the bounds' matrix product and temporaries stay under BLOCK_ELEMENTS
-    per_query = (1 + plan.directions + BOUND_TEMPORARIES).tolist()
+    # query blocks: the products and the screening temporaries stay under BLOCK_ELEMENTS
+    per_query = (2 + plan.directions + BOUND_TEMPORARIES).tolist()
     blocks, begin, used = [], 0, 0
     for b, size in enumerate(per_query):
         if b > begin and (used + size) * n_chunk > BLOCK_ELEMENTS:
@@ -572,63 +788,67 @@ def _topk_pruned(t: QueryTransform, gallery: Gallery, k: int, chunk_rows: int, n
         used += size
     blocks.append(slice(begin, batch))
     plans = [plan[sl] for sl in blocks]
-    all_bounded = {sl.start: bool(p.bounded.all()) for sl, p in zip(blocks, plans)}
-    best_s = torch.full((batch, k), float("-inf"), dtype=torch.float32, device=device)
-    best_i = torch.full((batch, k), -1, dtype=torch.int64, device=device)
+    pools = [_Pool.empty(p.batch_size, device) for p in plans]
+    bests = [(torch.full((p.batch_size, k), float("-inf"), dtype=torch.float32, device=device),
+              torch.full((p.batch_size, k), -1, dtype=torch.int64, device=device))
+             for p in plans]
+    margin = plan.score_margin
+    pool_cap = max(POOL_FACTOR * k, POOL_MIN_ROWS)
     rescored = 0
     for start in range(0, n_rows, chunk_rows):
         rows = read_rows(gallery, start, min(start + chunk_rows, n_rows), device, dtype)
         n = rows.shape[0]
         dd = torch.linalg.vector_norm(rows, dim=1).square()
-        for sl, p in zip(blocks, plans):
-            terms = _bound_terms(p, rows, dd)
-            num = terms[0]
+        norms = dd.sqrt()
+        for j, (p, pool) in enumerate(zip(plans, pools)):
+            best_s, best_i = bests[j]
+            x = _products(p, rows, dd)
+            # screen every row against the running threshold (a query without a positive one
+            # takes every row; one without bounds is scored on every row below)
+            tau = _kth(k, best_s, pool.lower)[:, 0]
+            if not bool((tau > 0).all()):
+                seeded = _kth(k, best_s, pool.lower, _seed(p, x, norms).T.float())[:, 0]
+                tau = torch.maximum(tau, seeded * (1 - 2 * margin))
+            thr = torch.where(tau > 0, tau * (1 - 2 * margin), float("-inf"))
+            cand = _screen(p, x, norms) >= thr.to(x.dtype)
+            if not bool(p.bounded.all()):
+                cand[:, ~p.bounded] = False
+            index, valid = _compact(cand.T)
+            terms = _bound_terms(p, x, index)
             # compared as the exact scores are merged, in float32 (rounding is monotone, so
             # the float32 bounds still bound the float32 scores)
-            upper = _upper_bound(*terms, p.score_margin).float()
-            if not all_bounded[sl.start]:
-                upper[~p.bounded] = float("inf")
-            # rows that may beat the k-th best exact score so far
-            cand = upper >= best_s[sl, k - 1:k]
-            index, valid = _compact(cand)
-            if index.shape[1] == 0:
-                continue
-            lower = _lower_bound(*(x.gather(1, index) for x in terms), p.score_margin).float()
-            lower = lower.masked_fill_(~(valid & p.bounded[:, None]), float("-inf"))
-            # k-th best of (running exact scores, candidates' lower bounds): k distinct rows
-            # score at least this, so a row whose upper bound is below it cannot enter
-            pool = torch.cat([best_s[sl], lower], dim=1)
-            tau = torch.topk(pool, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
-            keep = valid & (upper.gather(1, index) >= tau)
+            lower = _lower_bound(*terms, margin).float().masked_fill_(~valid, float("-inf"))
+            upper = _upper_bound(*terms, margin).float()
+            # k-th best of (exact scores, pooled and new lower bounds): k distinct rows score at
+            # least this, so a row whose upper bound is below it cannot enter the top k
+            tau = _kth(k, best_s, pool.lower, lower)
+            keep = valid & (upper >= tau)
             counts = keep.sum(dim=1)
-            dense = [b for b, cnt in enumerate(counts.tolist()) if cnt > DENSE_FRACTION * n]
-            sparse = [b for b, cnt in enumerate(counts.tolist())
-                      if 0 < cnt <= DENSE_FRACTION * n]
-            if dense:
-                s = _rescore_dense(p, dense, rows, num, dd).float()
+            dense = ((counts > DENSE_FRACTION * n) | ~p.bounded).nonzero()[:, 0]
+            if dense.numel():
+                s = _rescore_dense(p, dense.tolist(), rows, x[:, :p.batch_size].T, dd).float()
                 ids = torch.arange(start, start + n, device=device).expand(len(dense), -1)
-                q = torch.tensor(dense, device=device) + sl.start
-                best_s[q], best_i[q] = merge_topk(best_s[q], best_i[q], s, ids, k)
+                best_s[dense], best_i[dense] = merge_topk(best_s[dense], best_i[dense], s, ids, k)
                 rescored += n * len(dense)
-            if sparse:
-                sel = torch.tensor(sparse, device=device)
-                kidx, kvalid = _compact(keep[sel])
-                rows_idx = index[sel].gather(1, kidx)
-                sizes = kvalid.sum(dim=1).tolist()
-                rescored += sum(sizes)
-                for group in _groups(sizes, dim + c):
-                    g = torch.tensor(group, device=device)
-                    width = max(sizes[i] for i in group)
-                    gi, gv = rows_idx[g, :width], kvalid[g, :width]
-                    s = _rescore_sparse(p, sel[g], gi, rows, num, dd).float()
-                    s = s.masked_fill(~gv, float("-inf"))
-                    ids = torch.where(gv, gi + start, start + n)
-                    q = sel[g] + sl.start
-                    best_s[q], best_i[q] = merge_topk(best_s[q], best_i[q], s, ids, k)
+                keep[dense] = False
+            if index.shape[1]:
+                pool.add(lower, upper, torch.where(valid, index + start, -1), keep, tau)
+            full = (pool.sizes() > pool_cap).nonzero()[:, 0].tolist()
+            if full:
+                bests[j], scored = _rescore_pool(p, pool, full, gallery, n_rows, bests[j], k)
+                pool.clear(torch.tensor(full, device=device))
+                rescored += scored
+    for j, (p, pool) in enumerate(zip(plans, pools)):
+        waiting = (pool.sizes() > 0).nonzero()[:, 0].tolist()
+        if waiting:
+            bests[j], scored = _rescore_pool(p, pool, waiting, gallery, n_rows, bests[j], k)
+            rescored += scored
     if stats is not None:
         stats.update(rescored=rescored, pairs=n_rows * batch,
                      directions=torch.where(plan.bounded, plan.directions, -1).tolist())
     kk = min(k, n_rows)
+    best_s = torch.cat([b[0] for b in bests])
+    best_i = torch.cat([b[1] for b in bests])
     return best_s[:, :kk], best_i[:, :kk]
 
 

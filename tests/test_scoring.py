@@ -248,6 +248,34 @@ def test_orthonormal_basis_full_and_deficient_rank():
                                torch.eye(6, dtype=torch.float64).expand(3, 6, 6))
 
 
+def test_orthonormal_basis_ill_conditioned_factors():
+    # condition ~1e6, as trained QuARI's factors: one Cholesky QR pass loses orthogonality
+    # (~1e-4), the second restores it
+    g = torch.Generator().manual_seed(3)
+    u = torch.linalg.qr(torch.randn(4, 40, 8, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(4, 8, 8, generator=g, dtype=torch.float64))[0]
+    right = u @ torch.diag_embed(torch.logspace(0, -6, 8, dtype=torch.float64).expand(4, 8)) @ v
+    q_basis, tri = scoring._orthonormal_basis(right)
+    eye = torch.eye(8, dtype=torch.float64).expand(4, 8, 8)
+    assert (q_basis.transpose(1, 2) @ q_basis - eye).abs().max() < 1e-12
+    assert (q_basis @ tri - right).abs().max() < 1e-12 * right.abs().max()
+    assert torch.equal(tri, torch.triu(tri))
+
+
+def test_read_rows_never_shares_the_map(tmp_path):
+    from quari.store import ShardedRows
+    data = np.arange(60, dtype=np.float32).reshape(12, 5)
+    np.save(tmp_path / "g.npy", data)
+    mm = np.load(tmp_path / "g.npy", mmap_mode="r")
+    rows = scoring.read_rows(mm, 2, 6, torch.device("cpu"), torch.float32)
+    rows += 1  # writable, and a copy
+    assert torch.equal(rows - 1, torch.from_numpy(data[2:6])) and np.array_equal(mm, data)
+    index = torch.tensor([0, 3, 4, 11])
+    for gallery in (mm, ShardedRows([mm[:4], mm[4:]]), torch.from_numpy(data)):
+        got = scoring.read_rows_at(gallery, index, torch.device("cpu"), torch.float64)
+        assert got.dtype == torch.float64 and torch.equal(got, torch.from_numpy(data[[0, 3, 4, 11]]).double())
+
+
 def test_query_transform_validates_shapes():
     q = torch.randn(2, 8)
     with pytest.raises(ValueError, match="left"):
@@ -349,6 +377,62 @@ def test_bounds_hold_for_every_row(kind, directions):
     assert torch.isfinite(upper[plan.bounded]).all() and torch.isinf(upper[~plan.bounded]).all()
     if directions == 5 and kind == "spiky":
         assert (upper - lower).max() < 0.05
+
+
+@pytest.mark.parametrize("kind", MAPS)
+@pytest.mark.parametrize("directions", [None, 0, 2])
+def test_screening_and_seed_values_bound_every_row(kind, directions):
+    t = MAPS[kind](6, 48, 8)
+    rng = np.random.default_rng(4)
+    gallery = torch.from_numpy(rng.standard_normal((400, 48)).astype(np.float16))
+    gallery[7] = 0
+    exact = full_scores(t, gallery)
+    plan = scoring.prune_plan(t, 400, 10, directions=directions)
+    seed, screen = scoring.screen_bounds(plan, gallery.float())
+    margin = plan.score_margin
+    rows = plan.bounded  # the search screens only bounded queries
+    assert torch.all(exact[rows] <= screen[rows].clamp_min(0) * (1 + margin))
+    finite = torch.isfinite(seed) & rows[:, None]
+    assert torch.all(exact[finite] >= seed[finite] * (1 - margin))
+    assert (finite.any() or not rows.any()) and torch.all(seed[torch.isfinite(seed)] >= 0)
+
+
+def test_approximate_spectrum_is_certified():
+    for t in (spiky_transform(3, 30, 5, torch.float64), random_transform(2, 24, 6, "released"),
+              flat_transform(2, 48, 20, torch.float64)):
+        values, vectors, basis, off = scoring._spectrum(t, exact=False)
+        eye = torch.eye(t.dim, dtype=torch.float64)
+        w = t.anchor * eye + t.scale * t.left.double() @ t.right.double().transpose(1, 2)
+        m_dense = w @ w.transpose(1, 2) - t.anchor ** 2 * eye
+        e = basis @ vectors
+        torch.testing.assert_close(e.transpose(1, 2) @ e, torch.eye(e.shape[2], dtype=torch.float64)
+                                   .expand_as(e.transpose(1, 2) @ e), atol=1e-12, rtol=0)
+        # what the float32 eigensolver left off the diagonal is within off (Frobenius norm)
+        rest = m_dense - e @ torch.diag_embed(values) @ e.transpose(1, 2)
+        assert torch.all(torch.linalg.matrix_norm(rest) <= off + 1e-9)
+        # so every eigenvalue is within off of its Rayleigh quotient (Weyl)
+        dense = torch.linalg.eigvalsh(m_dense)
+        m = values.shape[1]
+        padded = torch.sort(torch.cat([values, values.new_zeros(t.batch_size, t.dim - m)], 1))
+        assert torch.all((padded.values - dense).abs() <= off[:, None] + 1e-9)
+        assert torch.all(off < 1e-4)
+
+
+def test_pruned_topk_rescores_a_full_pool_early(monkeypatch):
+    # a pool larger than its cap is read again and rescored before the end: same results
+    t = spiky_transform(5, 32, 6)
+    gallery = F.normalize(torch.randn(3000, 32), dim=-1).half()
+    ref = scoring.topk(t, gallery, 30, chunk_rows=256, method="full")
+    monkeypatch.setattr(scoring, "POOL_FACTOR", 1)
+    monkeypatch.setattr(scoring, "POOL_MIN_ROWS", 1)
+    calls = []
+    original = scoring._rescore_pool
+    monkeypatch.setattr(scoring, "_rescore_pool",
+                        lambda *a, **kw: calls.append(len(a[2])) or original(*a, **kw))
+    s, i = scoring.topk(t, gallery, 30, chunk_rows=256)
+    assert len(calls) > 1  # early rescoring, then the final one
+    assert torch.equal(i, ref[1])
+    torch.testing.assert_close(s, ref[0], atol=1e-6, rtol=0)
 
 
 def test_bounds_with_every_direction_are_tight():
