@@ -653,6 +653,24 @@ def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return index, valid
 
 
+def _compact_columns(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_compact` of ``mask.T`` for a mask [n, b] (rows x queries), from one pass over
+    it: (row indices [b, width] of each query's True entries, in order, padded with 0; mask
+    [b, width] of the real ones)."""
+    rows, cols = mask.nonzero(as_tuple=True)  # row-major: rows increase
+    batch = mask.shape[1]
+    counts = torch.bincount(cols, minlength=batch)
+    width = int(counts.max()) if rows.numel() else 0
+    order = torch.sort(cols, stable=True).indices  # by query, rows still increasing
+    rows, cols = rows[order], cols[order]
+    pos = torch.arange(rows.shape[0], device=mask.device) - (torch.cumsum(counts, 0) - counts)[cols]
+    index = torch.zeros(batch, width, dtype=torch.int64, device=mask.device)
+    valid = torch.zeros(batch, width, dtype=torch.bool, device=mask.device)
+    index[cols, pos] = rows
+    valid[cols, pos] = True
+    return index, valid
+
+
 def _groups(sizes: list[int], per_item: int) -> list[list[int]]:
     """Consecutive groups of items (sorted by size) whose padded size x count x ``per_item``
     stays under BLOCK_ELEMENTS (at least one item per group)."""
@@ -794,6 +812,7 @@ def _topk_pruned(t: QueryTransform, gallery: Gallery, k: int, chunk_rows: int, n
              for p in plans]
     margin = plan.score_margin
     pool_cap = max(POOL_FACTOR * k, POOL_MIN_ROWS)
+    taus: list[torch.Tensor | None] = [None] * len(plans)  # running thresholds, while unchanged
     rescored = 0
     for start in range(0, n_rows, chunk_rows):
         rows = read_rows(gallery, start, min(start + chunk_rows, n_rows), device, dtype)
@@ -802,18 +821,24 @@ def _topk_pruned(t: QueryTransform, gallery: Gallery, k: int, chunk_rows: int, n
         norms = dd.sqrt()
         for j, (p, pool) in enumerate(zip(plans, pools)):
             best_s, best_i = bests[j]
+            all_bounded = bool(p.bounded.all())
             x = _products(p, rows, dd)
             # screen every row against the running threshold (a query without a positive one
             # takes every row; one without bounds is scored on every row below)
-            tau = _kth(k, best_s, pool.lower)[:, 0]
+            if taus[j] is None:
+                taus[j] = _kth(k, best_s, pool.lower)[:, 0]
+            tau = taus[j]
             if not bool((tau > 0).all()):
                 seeded = _kth(k, best_s, pool.lower, _seed(p, x, norms).T.float())[:, 0]
                 tau = torch.maximum(tau, seeded * (1 - 2 * margin))
             thr = torch.where(tau > 0, tau * (1 - 2 * margin), float("-inf"))
             cand = _screen(p, x, norms) >= thr.to(x.dtype)
-            if not bool(p.bounded.all()):
+            if not all_bounded:
                 cand[:, ~p.bounded] = False
-            index, valid = _compact(cand.T)
+            index, valid = _compact_columns(cand)
+            if index.shape[1] == 0 and all_bounded:
+                continue  # no row of this chunk can enter any query's top k
+            taus[j] = None
             terms = _bound_terms(p, x, index)
             # compared as the exact scores are merged, in float32 (rounding is monotone, so
             # the float32 bounds still bound the float32 scores)
