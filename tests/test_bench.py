@@ -1,6 +1,7 @@
 """The benchmarks run end to end on tiny inputs (their numbers are printed, never asserted on
 time; here only what they check: the pruned search's agreement with the full path)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +17,17 @@ def test_topk_speed_random_maps_agree_with_the_full_path(capsys):
         assert r["same_id_sets"] == 1.0 and r["max_score_diff"] < 1e-5
         assert 0 < r["rescored"] <= 1
     assert "pruned vs dense E x E" in capsys.readouterr().out
+
+
+def test_topk_speed_flat_maps_take_the_full_path():
+    out = topk_speed.main(["--rows", "2000", "--dim", "48", "--k", "10", "--chunk-rows", "700",
+                           "--batches", "2", "--maps", "flat", "--threads", "1"])
+    r = out["flat/B=2"]
+    assert r["bounded_queries"] == 0 and r["rescored"] == 1  # no useful bounds: every row
+    assert r["same_id_sets"] == 1.0 and r["max_score_diff"] < 1e-5
+    quick = topk_speed.main(["--rows", "2000", "--dim", "48", "--k", "10", "--batches", "2",
+                             "--maps", "flat", "--threads", "1", "--no-full"])
+    assert quick["flat/B=2"]["pruned_s"] > 0 and np.isnan(quick["flat/B=2"]["full_s"])
 
 
 @pytest.mark.slow

@@ -2,8 +2,8 @@
 against plain cosine top-k, on random and on trained maps, for one query and for a batch.
 
     python -m quari.bench.topk_speed [--rows 1000000 --dim 512 --rank 64 --k 1000
-                                      --batches 1 64 --maps random trained
-                                      --checkpoint DIR --device cpu --threads N]
+                                      --batches 1 64 --maps random trained flat
+                                      --checkpoint DIR --device cpu --threads N --no-full]
 
 For each kind of map and each batch size B, one run prints the time of ``scoring.cosine_topk``
 (the frozen backbone), of ``scoring.topk(method="full")`` (every row on all 2r factor
@@ -16,8 +16,13 @@ small spectrum) over unit Gaussian rows. ``trained`` are the maps of a QuARI tra
 synthetic world rendered at ``--dim`` (``--train-steps`` steps at rank ``--train-rank``,
 the demo's recipe; or the model saved in ``--checkpoint``, which ``--save-checkpoint`` writes)
 for the world's ILIAS queries, over a gallery of the world's images, each repeated with
-isotropic jitter (``--jitter``) to ``--rows`` rows. With ``--dense-rows`` > 0 the factored
-scores are also checked against forming each query's E x E matrix on that many rows.
+isotropic jitter (``--jitter``) to ``--rows`` rows. ``flat`` are adversarial maps whose
+U'V'^T = P S P^T spans 2 x PRUNE_MAX_DIRECTIONS + 4 orthonormal directions with signs +-1 (half
+the eigenvalues of W W^T - a^2 I large and positive, half near -a^2: no choice of kept directions
+leaves useful bounds, so the pruned search must fall back on the full path) over unit Gaussian
+rows. With ``--dense-rows`` > 0 the factored scores are also checked against forming each
+query's E x E matrix on that many rows. ``--no-full`` times only cosine and the pruned search
+(quick repeated ratios; no comparison with the full path).
 Every timing follows a warm-up on one chunk and is the best of ``--repeats`` runs. ``--gallery-file`` searches an existing fp16 [N, E]
 raw memmap instead (e.g. 100M rows on a GPU machine's disk) for the random maps.
 """
@@ -78,6 +83,17 @@ def random_transform(queries: int, dim: int, rank: int, device: torch.device,
     left = left / torch.linalg.matrix_norm(left, keepdim=True)
     right = right / torch.linalg.matrix_norm(right, keepdim=True)
     return QueryTransform(query, left, right, scale=0.8, anchor=1.0).to(device)
+
+
+def flat_transform(queries: int, dim: int, device: torch.device, seed: int = 0
+                   ) -> QueryTransform:
+    """Adversarial released-variant maps with a spread spectrum (see the module docstring)."""
+    rank = 2 * scoring.PRUNE_MAX_DIRECTIONS + 4
+    g = torch.Generator().manual_seed(seed)
+    query = F.normalize(torch.randn(queries, dim, generator=g), dim=-1)
+    basis = torch.linalg.qr(torch.randn(queries, dim, rank, generator=g))[0]
+    signs = torch.where(torch.arange(rank) % 2 == 0, 1.0, -1.0)
+    return QueryTransform(query, basis * signs, basis, scale=0.9, anchor=1.0).to(device)
 
 
 def trained_world(dim: int, rank: int, steps: int, checkpoint: str | None,
@@ -158,21 +174,26 @@ def compare(transform: QueryTransform, gallery, args, device: torch.device, labe
     repeats = args.repeats
     warm = gallery[:min(chunk, gallery.shape[0])]
     scoring.cosine_topk(transform.query, warm, k, chunk, device)
-    scoring.topk(transform, warm, k, chunk, device, method="full")
+    if not args.no_full:
+        scoring.topk(transform, warm, k, chunk, device, method="full")
     scoring.topk(transform, warm, k, chunk, device)
     out: dict[str, float] = {}
     out["cosine_s"], _ = timed(lambda: scoring.cosine_topk(transform.query, gallery, k, chunk,
                                                            device), repeats, device)
-    out["full_s"], full = timed(lambda: scoring.topk(transform, gallery, k, chunk, device,
-                                                     method="full"), repeats, device)
     stats: dict = {}
     out["pruned_s"], pruned = timed(lambda: scoring.topk(transform, gallery, k, chunk, device,
                                                          stats=stats), repeats, device)
     out["rescored"] = stats["rescored"] / stats["pairs"]
-    out["same_ids"] = (pruned[1] == full[1]).float().mean().item()
-    out["same_id_sets"] = float(np.mean([set(a) == set(b) for a, b in
-                                         zip(pruned[1].tolist(), full[1].tolist())]))
-    out["max_score_diff"] = (pruned[0] - full[0]).abs().max().item()
+    if args.no_full:
+        out["full_s"] = out["same_ids"] = out["same_id_sets"] = float("nan")
+        out["max_score_diff"] = float("nan")
+    else:
+        out["full_s"], full = timed(lambda: scoring.topk(transform, gallery, k, chunk, device,
+                                                         method="full"), repeats, device)
+        out["same_ids"] = (pruned[1] == full[1]).float().mean().item()
+        out["same_id_sets"] = float(np.mean([set(a) == set(b) for a, b in
+                                             zip(pruned[1].tolist(), full[1].tolist())]))
+        out["max_score_diff"] = (pruned[0] - full[0]).abs().max().item()
     directions = [d for d in stats["directions"] if d >= 0]
     out["bounded_queries"] = len(directions) / transform.batch_size
     out["mean_directions"] = float(np.mean(directions)) if directions else float("nan")
@@ -193,7 +214,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=512, help="embedding dimension E")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64],
                    help="query batch sizes B")
-    p.add_argument("--maps", nargs="+", choices=["random", "trained"],
+    p.add_argument("--maps", nargs="+", choices=["random", "trained", "flat"],
                    default=["random", "trained"], help="kinds of maps")
     p.add_argument("--rank", type=int, default=64, help="rank r of the random maps")
     p.add_argument("--k", type=int, default=1000, help="results per query")
@@ -202,7 +223,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--storage", choices=["memmap", "tensor"], default="memmap",
                    help="gallery as an fp16 np.memmap in a temp dir or an in-memory tensor")
     p.add_argument("--gallery-file", default=None,
-                   help="an existing raw fp16 [N, --dim] file for the random maps' gallery")
+                   help="an existing raw fp16 [N, --dim] file for the random and flat maps' gallery")
     p.add_argument("--checkpoint", default=None, help="QuARI (save_pretrained) for trained maps")
     p.add_argument("--save-checkpoint", default=None, help="save the QuARI trained here")
     p.add_argument("--train-steps", type=int, default=100, help="steps of the QuARI trained here")
@@ -211,6 +232,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="noise norm of the repeated world images of the trained maps' gallery")
     p.add_argument("--dense-rows", type=int, default=0,
                    help="rows for a check of the factored scores against dense E x E maps")
+    p.add_argument("--no-full", action="store_true",
+                   help="time cosine and the pruned search only (no full path, no comparison)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: all available cores)")
@@ -230,15 +253,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.maps:
             start = time.perf_counter()
-            if kind == "random":
-                t_all = random_transform(max(args.batches), args.dim, args.rank, device)
+            if kind in ("random", "flat"):
+                t_all = (random_transform(max(args.batches), args.dim, args.rank, device)
+                         if kind == "random" else flat_transform(max(args.batches), args.dim,
+                                                                 device))
                 if args.gallery_file:
                     size = os.path.getsize(args.gallery_file) // (2 * args.dim)
                     gallery = np.memmap(args.gallery_file, dtype=np.float16, mode="r",
                                         shape=(size, args.dim))
                 else:
                     gallery = make_gallery(args.rows, args.dim, args.storage, tmp)
-                about = f"random maps, rank {args.rank}"
+                about = (f"random maps, rank {args.rank}" if kind == "random" else
+                         f"flat-spectrum maps, rank {t_all.rank}")
             else:
                 model, queries, images = trained_world(args.dim, args.train_rank,
                                                        args.train_steps, args.checkpoint,
