@@ -34,8 +34,9 @@ class AlphaQE(RetrievalMethod):
     """
 
     name = "alpha_qe"
-    label = "alpha-QE"
+    label = "α-QE (n={neighbours})"
     trainable = False
+    reranker = True  # the paper reports it re-ranking a shortlist (Table 3a)
     scores_rows_independently = False
 
     def __init__(self, neighbours: int = 1, alpha: float = 3.0, device: str | None = None):

@@ -108,6 +108,15 @@ class FinetunedBackbone(StaticProjectionMethod):
 
     name = "finetuned_backbone"
     label = "fine-tuned backbone"
+    #: QuARI's training data (semi-positives included) and recipe, without the hypernetwork
+    side_inputs = ("semipositives",)
+    shared_settings = ("train", "image_query_fraction")
+    nested_params = {"train": TrainConfig}
+
+    @classmethod
+    def check_settings(cls, params: dict) -> None:
+        super().check_settings(params)
+        TrainConfig(**params.get("train", {}))
 
     def __init__(self, train: dict | None = None, image_query_fraction: float = 0.5,
                  device: str | None = None):

@@ -9,6 +9,7 @@ class Identity(StaticProjectionMethod):
     name = "identity"
     label = "backbone"
     trainable = False
+    is_backbone = True
     #: nothing is learned, so no training collection is embedded for it
     uses_training_data = False
 

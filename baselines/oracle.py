@@ -30,7 +30,9 @@ class Oracle(TransformMethod):
     """Projects query and gallery onto the query's category identity subspace, then cosine."""
 
     name = "oracle"
-    label = "oracle (true per-category subspace)"
+    label = "oracle (synthetic only)"
+    #: the synthetic world's true subspace of every query's category (synthetic data only)
+    side_inputs = ("oracle_file",)
 
     def __init__(self, device: str | None = None):
         super().__init__(device=device)

@@ -129,12 +129,20 @@ class ReleasedQuARI(QuARIMethod):
     """
 
     name = "quari_released"
-    label = "QuARI (released checkpoint)"
+    label = "QuARI (authors' released checkpoint)"
     trainable = False
     #: fitted from a checkpoint and the backbone, never from a training collection
     uses_training_data = False
-    #: ``fit`` needs the registry entry of the backbone (context ``backbone``)
-    needs_backbone = True
+    #: ``fit`` needs the registry entry of the backbone, to pick and check its checkpoint
+    side_inputs = ("backbone",)
+    #: its settings are its own (revision, checkpoint), not QuARI's recipe
+    shared_settings = ()
+    nested_params = {}
+
+    @classmethod
+    def check_backbone(cls, backbone) -> None:
+        """A released checkpoint runs only on the backbone it was trained on."""
+        release_for(backbone)
 
     def __init__(self, revision: dict | None = None, checkpoint: dict | None = None,
                  device: str | None = None):

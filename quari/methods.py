@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import pkgutil
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,11 @@ log = logging.getLogger(__name__)
 #: where methods are found: QuARI's own module, and every module of the ``baselines`` package
 METHOD_MODULES = ("quari.quari_method",)
 METHOD_PACKAGES = ("baselines",)
+#: more places to search, separated by commas (the workflow sets it from the config key
+#: ``method_packages``): methods of your own, kept outside this repository. Each is an importable
+#: package or module name, or the path of a module file (``.py``) or of a package folder, which
+#: is imported from its parent folder
+METHOD_PACKAGES_ENV = "QUARI_METHOD_PACKAGES"
 
 
 def as_tensor(x, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -58,23 +64,79 @@ def shortlist_rows(gallery, shortlist: np.ndarray, device: torch.device | str = 
 
 
 class RetrievalMethod(ABC):
-    """Base class of all methods. Subclasses set ``name`` and implement ``prepare`` and ``score``."""
+    """Base class of all methods. Subclasses set ``name`` and implement ``prepare`` and ``score``.
+
+    Besides that, a method *declares* what it needs and where it applies, as the class attributes
+    below; the workflow (which inputs a job gets, which benchmarks and query types it is run on,
+    which settings it is given), the evaluation and the tables read them, and never a method's
+    name. The defaults fit a method trained on a training collection of embeddings only.
+    """
 
     name: ClassVar[str] = ""
-    #: what the table calls this method (defaults to ``name``)
+    #: what the tables call this method (default: ``name``); ``{param}`` fields are filled from the
+    #: method's parameters ("α-QE (n={neighbours})"), see :meth:`display_label`
     label: ClassVar[str] = ""
-    #: False for methods with nothing to learn (fit is a no-op)
+    #: False for methods with nothing to learn (fit is a no-op): their training job only records
+    #: their settings, and asks a cluster for no GPU
     trainable: ClassVar[bool] = True
+    #: False when ``fit`` needs no training collection (``train``/``valid`` are None): then none
+    #: is embedded for it
+    uses_training_data: ClassVar[bool] = True
+    #: what else ``fit`` receives, each as the keyword argument of the same name, prepared by the
+    #: workflow (``workflow/rules/common.smk``, ``SIDE_INPUTS``): ``semipositives`` (mined from the
+    #: training collection), ``oracle_file`` (the synthetic world's true subspaces),
+    #: ``local_descriptors`` / ``query_local_descriptors`` (DINOv2 descriptors of ILIAS images),
+    #: ``gallery_images`` / ``query_texts`` (INQUIRE-Rerank's candidate images and query texts),
+    #: ``backbone`` (the backbone's registry entry, :class:`quari.backbones.BackboneInfo`)
+    side_inputs: ClassVar[tuple[str, ...]] = ()
+    #: the benchmarks it can run on (None: every one); a method whose side inputs are one
+    #: benchmark's files runs on that benchmark only
+    benchmarks: ClassVar[tuple[str, ...] | None] = None
+    #: the query types it ranks for ("image", "text"): an ILIAS task of another type is skipped
+    query_types: ClassVar[tuple[str, ...]] = ("image", "text")
+    #: keys of the configuration's ``quari:`` block (QuARI's model and training recipe) that are
+    #: this method's default parameters; its own config entry overrides them
+    shared_settings: ClassVar[tuple[str, ...]] = ()
+    #: parameters that are mappings, and the class or dataclass that receives each (their keys and
+    #: types are checked when the configuration is loaded)
+    nested_params: ClassVar[dict[str, type]] = {}
+    #: True for a re-ranking method in the paper's sense (its Table 3): the tables show its
+    #: re-ranking of a shortlist only, never its full-gallery search (implied by reranker_only)
+    reranker: ClassVar[bool] = False
+    #: True for the backbone's own ranking, unadapted: the tables call its rows "backbone" and,
+    #: re-ranking, "initial ranking" (what every re-ranker starts from), beside the best possible
+    #: re-ranking of its shortlist
+    is_backbone: ClassVar[bool] = False
     #: True for methods that can only re-rank a given shortlist (``search`` raises
     #: NotImplementedError), such as local-feature matching, which needs each candidate's id
     reranker_only: ClassVar[bool] = False
     #: False when a row's score depends on the other rows ranked with it (query expansion from the
     #: top of the ranking): then ``search`` is not ``score`` sorted, nor ``rerank`` a slice of it
     scores_rows_independently: ClassVar[bool] = True
+    #: memory (MB) its evaluation job asks of a cluster (a VLM holds a model of 13-34B weights)
+    evaluation_mem_mb: ClassVar[int] = 32000
 
     def __init__(self, **params: Any):
         self.params = dict(params)
         self.device = resolve_device(params.get("device"))
+
+    @classmethod
+    def check_settings(cls, params: dict) -> None:
+        """Raise TypeError or ValueError for settings this method refuses (called when the
+        configuration is loaded, with its entry merged over its ``shared_settings``); the default
+        builds the method on the CPU."""
+        cls(**params, device="cpu")
+
+    @classmethod
+    def check_backbone(cls, backbone) -> None:
+        """Raise ValueError when this method cannot run on ``backbone`` (a
+        :class:`quari.backbones.BackboneInfo`; asked for methods whose side inputs include
+        ``backbone``). The default accepts every backbone."""
+
+    def display_label(self) -> str:
+        """This method's name in the tables: its class's ``label`` with its parameters filled
+        in, else its ``name``."""
+        return self.label.format(**self.params) if self.label else self.name
 
     def model_size(self) -> str:
         """The size of this method's model, as the tables print it beside the row's name when it
@@ -227,12 +289,34 @@ class TransformMethod(RetrievalMethod):
 _BROKEN: dict[str, str] = {}
 
 
+def extra_method_packages() -> list[str]:
+    """The packages (or single modules) named in ``$QUARI_METHOD_PACKAGES``."""
+    return [p.strip() for p in os.environ.get(METHOD_PACKAGES_ENV, "").split(",") if p.strip()]
+
+
+def _importable(entry: str) -> str:
+    """The module name of a ``$QUARI_METHOD_PACKAGES`` entry; a path's parent folder goes on
+    ``sys.path``."""
+    if os.sep not in entry and "/" not in entry and not entry.endswith(".py"):
+        return entry
+    path = Path(entry).resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"{METHOD_PACKAGES_ENV}: {entry} does not exist")
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    return path.stem if path.suffix == ".py" else path.name
+
+
 def _method_modules() -> list[str]:
-    """QuARI's module and every module under the method packages (sub-packages included, names
-    starting with ``_`` skipped)."""
+    """QuARI's module and every module under the method packages, those of
+    ``$QUARI_METHOD_PACKAGES`` included (sub-packages included, names starting with ``_``
+    skipped; a name there may also be a single module)."""
     names = list(METHOD_MODULES)
-    for package_name in METHOD_PACKAGES:
+    for package_name in (*METHOD_PACKAGES, *map(_importable, extra_method_packages())):
         package = importlib.import_module(package_name)
+        if not hasattr(package, "__path__"):  # a single module
+            names.append(package_name)
+            continue
         names += [m.name for m in pkgutil.walk_packages(package.__path__, f"{package_name}.")
                   if not m.name.rsplit(".", 1)[-1].startswith("_")]
     return names

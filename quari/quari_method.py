@@ -108,12 +108,27 @@ class QuARIMethod(TransformMethod):
 
     name = "quari"
     label = "QuARI"
+    #: neighbours mined from the training images (used when ``train.use_semipositives``)
+    side_inputs = ("semipositives",)
+    #: the config's ``quari:`` block is this method's settings (an entry of its own overrides it)
+    shared_settings = ("model", "train", "image_query_fraction")
+    nested_params = {"model": QuARIConfig, "train": TrainConfig}
 
     def __init__(self, model: dict | None = None, train: dict | None = None,
                  image_query_fraction: float = 0.5, device: str | None = None):
         super().__init__(model=dict(model or {}), train=dict(train or {}),
                          image_query_fraction=image_query_fraction, device=device)
         self.model_: QuARI | None = None
+
+    @classmethod
+    def check_settings(cls, params: dict) -> None:
+        """Also the model's and the training's settings, as ``fit`` builds them (with a small
+        width, so that only the other values are checked)."""
+        super().check_settings(params)
+        if "model" in params:
+            QuARIConfig(embedding_dim=8, **{**params["model"], "hidden_dim": 8, "nhead": 1})
+        if "train" in params:
+            TrainConfig(**params["train"])
 
     def model_size(self) -> str:
         """Hidden width, layers and rank of the hypernetwork when they are not the paper's

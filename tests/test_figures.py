@@ -11,7 +11,7 @@ from quari import scoring
 from quari.reporting.figures import (TsnePanel, _coincident_groups, _LabelLayout, _label_offsets,
                            _offset_box, cost_accuracy_caption, map_rows, measured_cost_accuracy,
                            paper_figure4_points, plot_cost_accuracy, plot_tsne)
-from quari.reporting.tables import DISPLAY_NAME
+from quari.reporting.tables import row_label
 from quari.transform import QueryTransform
 
 from tests.builders import PAPER
@@ -40,8 +40,9 @@ def test_measured_points_use_each_panels_cost_unit():
            rerank_eval("quari", "quari", "inquire", 0.5, 8.0)]
     got = measured_cost_accuracy(evs)
     assert got.to_dict("records") == [
-        {"panel": "ilias", "method": "initial_ranking", "ms": 3.0, "accuracy": 20.0},
-        {"panel": "inquire", "method": "quari", "ms": 0.8, "accuracy": 50.0}]
+        {"panel": "ilias", "method": "initial_ranking", "label": "initial ranking", "ms": 3.0,
+         "accuracy": 20.0},
+        {"panel": "inquire", "method": "quari", "label": "QuARI", "ms": 0.8, "accuracy": 50.0}]
 
 
 def test_inquire_rerank_points_use_the_paper_comparable_full_pool_scoring():
@@ -50,7 +51,7 @@ def test_inquire_rerank_points_use_the_paper_comparable_full_pool_scoring():
                                               "ms_per_100_pairs": 0.8}
     got = measured_cost_accuracy([ev])
     assert got.to_dict("records") == [
-        {"panel": "inquire", "method": "quari", "ms": 0.8, "accuracy": 40.0}]
+        {"panel": "inquire", "method": "quari", "label": "QuARI", "ms": 0.8, "accuracy": 40.0}]
 
 
 def test_caption_names_the_hardware():
@@ -128,9 +129,9 @@ def test_figure4_labels_of_a_cluster_do_not_overlap():
     ax = fig.axes[0]
     boxes = label_boxes(fig, ax)
     names = [name for t in ax.texts for name in t.get_text().split(" / ")]
-    expected = [DISPLAY_NAME.get(m, m) for m in CLUSTER["method"]]
+    expected = [row_label(m) for m in CLUSTER["method"]]
     paper_methods = PAPER[PAPER["table"] == "fig4-left"]["method"].unique()
-    expected += [DISPLAY_NAME.get(m, m) for m in paper_methods]
+    expected += [row_label(m) for m in paper_methods]
     assert sorted(names) == sorted(expected)  # every point named, once
     for i, a in enumerate(boxes):
         assert fig.bbox.contains(a.x0, a.y0) and fig.bbox.contains(a.x1, a.y1)

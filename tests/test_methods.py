@@ -1,11 +1,12 @@
 """One conformance test over every registered method (scikit-learn style), and the registry."""
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
 
 from quari.methods import available_methods, get_method
-from baselines.local_features.rerankers import LocalFeatureReranker
 from baselines.local_features.matching import save_local_descriptors
 from quari.methods import RetrievalMethod
 from quari.mining import mine_semipositives
@@ -23,39 +24,69 @@ FAST_PARAMS = {
 }
 
 
+def _oracle_file(tmp_path, rng, query_ids, train):
+    path = tmp_path / "oracle.npz"
+    bases = np.linalg.qr(rng.standard_normal((3, DIM, 4)))[0].astype(np.float32)
+    np.savez(path, bases=bases, query_ids=np.array(query_ids),
+             query_categories=rng.integers(0, 3, len(query_ids)))
+    return str(path)
+
+
+def _semipositives(tmp_path, rng, query_ids, train):
+    return mine_semipositives(np.asarray(train.images.embeddings), train.images.ids, k=5, top_n=2)
+
+
+def _local_descriptors(tmp_path, rng, query_ids, train):
+    n_db = len(train.images.ids)
+    save_local_descriptors(tmp_path / "db_local.npz", train.images.ids,
+                           rng.standard_normal((n_db, 10, 8)), rng.random((n_db, 10, 2)),
+                           counts=rng.integers(4, 11, n_db))
+    return str(tmp_path / "db_local.npz")
+
+
+def _query_local_descriptors(tmp_path, rng, query_ids, train):
+    n_q = len(query_ids)
+    save_local_descriptors(tmp_path / "q_local.npz", query_ids, rng.standard_normal((n_q, 30, 8)),
+                           rng.random((n_q, 30, 2)))
+    return str(tmp_path / "q_local.npz")
+
+
+def _backbone(tmp_path, rng, query_ids, train):  # the registry entry a checkpoint is checked against
+    from tests.builders import tiny_backbone
+    return tiny_backbone(dim=DIM)
+
+
+def _gallery_images(tmp_path, rng, query_ids, train):
+    from PIL import Image
+    images = {}
+    for n, image_id in enumerate(train.images.ids):
+        images[image_id] = str(tmp_path / f"image{n}.png")
+        Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(images[image_id])
+    return images
+
+
+def _query_texts(tmp_path, rng, query_ids, train):
+    return {q: f"a red fox {n}" for n, q in enumerate(query_ids)}
+
+
+#: every side input a method may declare (RetrievalMethod.side_inputs), built the way the
+#: workflow builds it; a method declaring one missing here fails the conformance test
+SIDE_INPUT_BUILDERS = {
+    "oracle_file": _oracle_file, "semipositives": _semipositives,
+    "local_descriptors": _local_descriptors, "query_local_descriptors": _query_local_descriptors,
+    "backbone": _backbone, "gallery_images": _gallery_images, "query_texts": _query_texts,
+}
+
+
 def fit_context(name, tmp_path, rng, query_ids, train):
-    """Side inputs some methods need, built the way the workflow builds them."""
-    if name == "oracle":
-        path = tmp_path / "oracle.npz"
-        bases = np.linalg.qr(rng.standard_normal((3, DIM, 4)))[0].astype(np.float32)
-        np.savez(path, bases=bases, query_ids=np.array(query_ids),
-                 query_categories=rng.integers(0, 3, len(query_ids)))
-        return {"oracle_file": str(path)}
-    if name == "quari":
-        return {"semipositives": mine_semipositives(np.asarray(train.images.embeddings),
-                                                    train.images.ids, k=5, top_n=2)}
-    if issubclass(get_method(name), LocalFeatureReranker):
-        n_db, n_q = len(train.images.ids), len(query_ids)
-        save_local_descriptors(tmp_path / "db_local.npz", train.images.ids,
-                               rng.standard_normal((n_db, 10, 8)), rng.random((n_db, 10, 2)),
-                               counts=rng.integers(4, 11, n_db))
-        save_local_descriptors(tmp_path / "q_local.npz", query_ids, rng.standard_normal((n_q, 30, 8)),
-                               rng.random((n_q, 30, 2)))
-        return {"local_descriptors": str(tmp_path / "db_local.npz"),
-                "query_local_descriptors": str(tmp_path / "q_local.npz"),
-                "gallery_ids": train.images.ids}
-    if name == "quari_released":  # the registry entry its checkpoint is checked against
-        from tests.builders import tiny_backbone
-        return {"backbone": tiny_backbone(dim=DIM)}
-    if name == "vlm_reranker":
-        from PIL import Image
-        images = {}
-        for n, image_id in enumerate(train.images.ids):
-            images[image_id] = str(tmp_path / f"image{n}.png")
-            Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(images[image_id])
-        return {"gallery_images": images, "gallery_ids": train.images.ids,
-                "query_texts": {q: f"a red fox {n}" for n, q in enumerate(query_ids)}}
-    return {}
+    """The side inputs the method declares, and the gallery ids for those that look candidates
+    up by id."""
+    cls = get_method(name)
+    context = {side: SIDE_INPUT_BUILDERS[side](tmp_path, rng, query_ids, train)
+               for side in cls.side_inputs}
+    if hasattr(cls, "set_gallery"):
+        context["gallery_ids"] = train.images.ids
+    return context
 
 
 def constructor_params(name, tmp_path):
@@ -152,3 +183,50 @@ def test_loading_a_different_method_is_refused(tmp_path):
     ident.save(tmp_path)
     with pytest.raises(ValueError, match="identity"):
         get_method("linear_adaptation").load(tmp_path)
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_declarations_are_consistent(name, tmp_path):
+    """What a method declares (quari.methods.RetrievalMethod's class attributes) is what the
+    workflow reads: side inputs it knows, benchmarks and query types that exist, shared settings
+    of the `quari` block, and a label its parameters can fill."""
+    cls = get_method(name)
+    assert set(cls.side_inputs) <= set(SIDE_INPUT_BUILDERS)
+    assert cls.benchmarks is None or set(cls.benchmarks) <= {"ilias", "ilias_mini", "inquire",
+                                                             "inquire_rerank"}
+    assert cls.query_types and set(cls.query_types) <= {"image", "text"}
+    assert set(cls.shared_settings) <= {"model", "train", "image_query_fraction"}
+    assert set(cls.nested_params) <= set(inspect.signature(cls.__init__).parameters)
+    assert not (cls.trainable and not cls.uses_training_data and not cls.side_inputs)
+    label = cls(**constructor_params(name, tmp_path), device="cpu").display_label()
+    assert label and "{" not in label
+
+
+def test_a_label_names_the_parameters():
+    assert get_method("alpha_qe")(neighbours=2, device="cpu").display_label() == "α-QE (n=2)"
+    assert get_method("quari")(device="cpu").display_label() == "QuARI"
+
+
+def test_packages_named_in_the_environment_are_searched(tmp_path, monkeypatch):
+    package = tmp_path / "my_methods"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "doubled.py").write_text(
+        "from quari.methods import StaticProjectionMethod\n\n\n"
+        "class Doubled(StaticProjectionMethod):\n"
+        "    name = 'toy_doubled'\n    label = 'doubled ({factor})'\n    trainable = False\n\n"
+        "    def __init__(self, factor: float = 2.0, device=None):\n"
+        "        super().__init__(factor=factor, device=device)\n\n"
+        "    def embed(self, x):\n        return self.params['factor'] * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "toy_doubled" not in available_methods()
+    monkeypatch.setenv("QUARI_METHOD_PACKAGES", "my_methods")
+    cls = get_method("toy_doubled")
+    assert cls(factor=3, device="cpu").display_label() == "doubled (3)"
+    # a module file named by its path: its folder need not be on the import path
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "halved.py").write_text(
+        (package / "doubled.py").read_text().replace("Doubled", "Halved")
+        .replace("toy_doubled", "toy_halved"))
+    monkeypatch.setenv("QUARI_METHOD_PACKAGES", f"my_methods,{tmp_path / 'elsewhere' / 'halved.py'}")
+    assert {"toy_doubled", "toy_halved"} <= set(available_methods())

@@ -40,7 +40,11 @@ class LocalFeatureReranker(RetrievalMethod):
     """Shared plumbing: descriptor look-up by id; subclasses score one query's candidates."""
 
     trainable = False
-    reranker_only = True
+    reranker = reranker_only = True
+    #: DINOv2 local descriptors of ILIAS images: image queries only, ILIAS only
+    side_inputs = ("local_descriptors", "query_local_descriptors")
+    benchmarks = ("ilias",)
+    query_types = ("image",)
 
     def __init__(self, device: str | None = None, **params):
         super().__init__(device=device, **params)

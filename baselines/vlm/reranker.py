@@ -62,9 +62,14 @@ class VLMReranker(RetrievalMethod):
     """Re-ranks each query's shortlist by a vision-language model's P(Yes) / (P(Yes) + P(No))."""
 
     name = "vlm_reranker"
-    label = "VLM re-ranker"
+    label = "VLM re-ranker ({model})"
     trainable = False
-    reranker_only = True
+    reranker = reranker_only = True
+    #: INQUIRE-Rerank's candidate images and query texts: text queries, INQUIRE-Rerank only
+    side_inputs = ("gallery_images", "query_texts")
+    benchmarks = ("inquire_rerank",)
+    query_types = ("text",)
+    evaluation_mem_mb = 96000
 
     def __init__(self, model: str, path: str | None = None, batch_size: int = 8,
                  temperature: float = INQUIRE_TEMPERATURE, device: str | None = None):

@@ -17,7 +17,7 @@ from matplotlib.transforms import Bbox  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
 
 from quari.store import l2_normalize  # noqa: E402
-from quari.reporting.tables import DISPLAY_NAME, PAPER_METHOD  # noqa: E402
+from quari.reporting.tables import row_label, row_name  # noqa: E402
 
 
 @dataclass
@@ -207,7 +207,8 @@ def _pending_labels(ax, frame: pd.DataFrame, style: _LabelStyle, first_marker: i
     px_per_pt = ax.figure.dpi / 72.0
     marker_radius = np.sqrt(style.size) / 2
     anchors = ax.transData.transform(frame[["ms", "accuracy"]].to_numpy(dtype=float))
-    names = [DISPLAY_NAME.get(m, m) for m in frame["method"]]
+    names = (list(frame["label"]) if "label" in frame
+             else [row_label(m) for m in frame["method"]])
     labels = []
     merge_px = layout.merge_distance * 2 * marker_radius * px_per_pt
     for members in _coincident_groups(anchors, merge_px):
@@ -392,8 +393,8 @@ def measured_cost_accuracy(evaluations) -> pd.DataFrame:
     the initial ranking)."""
     rows = []
     for ev in evaluations:
-        renamed = PAPER_METHOD.get(ev["method_type"])
-        method = renamed[1] if renamed else ev["method"]
+        method = row_name(ev, rerank=True)
+        label = row_label(method, {ev["method"]: ev.get("label")})
         for panel, task, cost in (("ilias", "i2i", "ms_per_1k_pairs"),
                                   ("inquire", "t2i", "ms_per_100_pairs")):
             entries = ev["tasks"].get(task, {}) if ev["benchmark"] == panel else {}
@@ -403,9 +404,9 @@ def measured_cost_accuracy(evaluations) -> pd.DataFrame:
             if result is None:
                 continue
             ap = next(v for k, v in result["metrics"].items() if k.startswith("mAP@"))
-            rows.append({"panel": panel, "method": method, "ms": float(result[cost]),
-                         "accuracy": 100.0 * ap})
-    return pd.DataFrame(rows, columns=["panel", "method", "ms", "accuracy"])
+            rows.append({"panel": panel, "method": method, "label": label,
+                         "ms": float(result[cost]), "accuracy": 100.0 * ap})
+    return pd.DataFrame(rows, columns=["panel", "method", "label", "ms", "accuracy"])
 
 
 def cost_accuracy_caption(hardware, data: str, backbone: str | Sequence[str]) -> str:

@@ -3,7 +3,7 @@
 Every evaluation result (one JSON per benchmark x backbone x method, written by the harness) is
 flattened into rows named by the run's config method key (``alpha_qe1: {type: alpha_qe,
 neighbours: 1}`` is the row ``alpha_qe1``). Each table selects its rows, spells the real ones the
-way ``paper-numbers.csv`` does (:data:`PAPER_METHOD`, :data:`PAPER_SETTING`,
+way ``paper-numbers.csv`` does (:func:`row_name`, :data:`PAPER_SETTING`,
 :data:`PAPER_RERANK_BACKBONE`: the one place where our names meet the paper's), attaches the
 paper's value and the delta (real data only: synthetic rows are labelled and never compared),
 lists the paper rows this run did not measure as reported, and renders a Markdown view laid out
@@ -43,11 +43,10 @@ TABLES = {
 
 # ---- our names -> the paper's names (the one place) ---------------------------------------------
 
-#: registered method type -> the paper's row name in (search tables, re-ranking tables); every
-#: other row keeps its config key, which must then be spelled as in paper-numbers.csv (the paper
-#: configuration's keys are: quari, linear_adaptation, quari_uned, alpha_qe1, alpha_qe2,
-#: alpha_qe5, chamfer, spatial_verification, ames, finetuned_backbone and the ABLATIONS below)
-PAPER_METHOD = {"identity": ("backbone", "initial_ranking")}
+#: the paper's row names of the backbone's own ranking (a method class declaring ``is_backbone``)
+#: in (search tables, re-ranking tables); every other row keeps its config key, which must then
+#: be spelled as in paper-numbers.csv (the paper configuration's keys are its row names)
+BACKBONE_ROWS = ("backbone", "initial_ranking")
 
 #: Table 4's rows (paper names) and what each is; a config key equal to the name makes the row
 ABLATIONS = {
@@ -60,11 +59,6 @@ ABLATIONS = {
     "quari_no_noise": "QuARI trained without modality-gap noise (train.use_noise: false)",
     "quari": "QuARI, full recipe",
 }
-
-#: method types the paper reports only as re-rankers (Table 3): their full-gallery search, when
-#: they have one, is not a row of the search tables
-RERANKING_METHOD_TYPES = frozenset({"alpha_qe", "chamfer", "spatial_verification", "ames",
-                                    "vlm_reranker"})
 
 #: Table 1b's rows (static linear adaptation and QuARI trained on its UnED images)
 TABLE_1B_METHODS = ("linear_adaptation", "quari_uned")
@@ -101,24 +95,56 @@ BENCHMARK_SHORTLIST = "initial ranking from the benchmark"
 #: Table 3b's QuARI row names the backbone family QuARI ran on: (method, family) -> paper row
 PAPER_3B_METHOD = {("quari", "siglip2"): "quari_siglip2"}
 
-#: how the Markdown tables print the paper's row names
-DISPLAY_NAME = {
+#: how the Markdown tables print the paper's rows that are a configuration of a method (its
+#: parameters, its training set) or no method of ours: the paper's wording. Every other row is
+#: printed with its method's label (:func:`row_label`)
+PAPER_ROW_NAMES = {
     "backbone": "backbone", "initial_ranking": "initial ranking", "best_possible": "best possible",
-    "quari": "QuARI", "quari_uned": "QuARI (UnED 1M)", "quari_siglip2": "QuARI (SigLIP2)",
-    "linear_adaptation": "static linear adaptation", "alpha_qe1": "α-QE (n=1)",
-    "alpha_qe2": "α-QE (n=2)", "alpha_qe5": "α-QE (n=5)", "chamfer": "Chamfer similarity",
-    "spatial_verification": "spatial verification", "ames": "AMES",
-    "finetuned_backbone": "fine-tuned backbone",
+    "quari_uned": "QuARI (UnED 1M)", "quari_siglip2": "QuARI (SigLIP2)",
+    "alpha_qe1": "α-QE (n=1)", "alpha_qe2": "α-QE (n=2)", "alpha_qe5": "α-QE (n=5)",
     "quari_no_iterative_refinement": "QuARI, no iterative refinement",
     "quari_no_semipositives": "QuARI, no semi-positives", "quari_no_noise": "QuARI, no noise",
-    "oracle": "oracle (synthetic only)",
-    "quari_released": "QuARI (authors' released checkpoint)",
     # Table 3b's vision-language re-rankers (numbers reported by the INQUIRE benchmark)
     "blip2_flant5xxl": "BLIP-2 FlanT5-XXL", "instructblip_t5xxl": "InstructBLIP T5-XXL",
     "paligemma_3b_mix_448": "PaliGemma 3B", "llava_1.5_13b": "LLaVA-1.5 13B",
     "llava_1.6_7b": "LLaVA-1.6 7B", "llava_1.6_34b": "LLaVA-1.6 34B", "vila_13b": "VILA 13B",
     "vila_40b": "VILA 40B", "gpt_4v": "GPT-4V", "gpt_4o": "GPT-4o",
 }
+
+
+def _declared(method_type: str, attribute: str) -> bool:
+    """What the method class of an evaluation declares (``quari.methods``); False for a type
+    no longer registered."""
+    from quari.methods import get_method
+
+    try:
+        return bool(getattr(get_method(method_type), attribute))
+    except KeyError:
+        return False
+
+
+def row_name(ev: dict, rerank: bool) -> str:
+    """An evaluation's row name in the tables: its config key, or the paper's name of the
+    backbone's own ranking (:data:`BACKBONE_ROWS`)."""
+    return BACKBONE_ROWS[rerank] if _declared(ev["method_type"], "is_backbone") else ev["method"]
+
+
+def row_label(method: str, labels: dict[str, str] | None = None) -> str:
+    """How the tables and figures print a row: the paper's wording of its own rows
+    (:data:`PAPER_ROW_NAMES`), else the label its evaluation recorded (``labels``: row ->
+    label, the method's :meth:`~quari.methods.RetrievalMethod.display_label`), else the label
+    of the method class of that name, else the name itself."""
+    if method in PAPER_ROW_NAMES:
+        return PAPER_ROW_NAMES[method]
+    if labels and labels.get(method):
+        return labels[method]
+    from quari.methods import get_method
+
+    try:
+        label = get_method(method).label
+    except KeyError:
+        return method
+    return label if label and "{" not in label else method
 
 
 def size_label(n: int) -> str:
@@ -218,15 +244,15 @@ def dropped_note(ev: dict, task: str) -> str:
 def evaluation_rows(evaluations: Iterable[dict]) -> pd.DataFrame:
     """One row per (benchmark, task, mode, backbone, method, metric) from evaluation JSONs, in
     our own spelling, plus a ``best_possible`` row per re-ranking of the backbone's evaluation
-    (``identity``) when it records its shortlist's relevance (see :func:`best_possible_metrics`).
+    (its class declares ``is_backbone``) when it records its shortlist's relevance (see
+    :func:`best_possible_metrics`).
     """
     rows = []
     for ev in evaluations:
         synthetic = ev["data"] == "synthetic"
-        renamed = PAPER_METHOD.get(ev["method_type"])
         for task, modes in ev["tasks"].items():
             for mode, res in modes.items():
-                if mode == "search" and ev["method_type"] in RERANKING_METHOD_TYPES:
+                if mode == "search" and _declared(ev["method_type"], "reranker"):
                     continue
                 setting = (f"{task}@{size_label(res['gallery_size'])}" if mode == "search"
                            else _rerank_setting(ev, mode, res, task))
@@ -239,16 +265,16 @@ def evaluation_rows(evaluations: Iterable[dict]) -> pd.DataFrame:
                     "run_id": ev["run_id"], "shortlist_source": res.get("shortlist_source"),
                     "dropped": dropped_note(ev, task),
                 }
-                measured = {"method": renamed[mode != "search"] if renamed else ev["method"],
+                measured = {"method": row_name(ev, mode != "search"), "label": ev.get("label"),
                             "ms_per_1k_pairs": ms_1k,
                             "ms_per_100_pairs": (
                                 res.get("ms_per_100_pairs", None if ms_1k is None else ms_1k / 10)
                                 if ev["benchmark"] == "inquire" else None)}
                 found = [(measured, res["metrics"])]
-                if (mode != "search" and ev["method_type"] == "identity"
+                if (mode != "search" and _declared(ev["method_type"], "is_backbone")
                         and "relevant_in_shortlist" in res):
                     ideal = _best_possible(ev, mode, res)
-                    found.append(({"method": "best_possible", "ms_per_1k_pairs": None,
+                    found.append(({"method": "best_possible", "label": None, "ms_per_1k_pairs": None,
                                    "ms_per_100_pairs": None}, ideal))
                 for names, values in found:
                     for metric, value in values.items():
@@ -398,8 +424,14 @@ NOTES = {
     "3b": ("The paper re-ranks INQUIRE's fixed top-100 (OpenCLIP ViT-H-14-378); a measured row is "
            "compared with it only when its evaluation re-ranked that same shortlist. Best possible "
            "= the shortlist's relevant candidates first (computed, not copied)."),
-    "4": "Rows: " + "; ".join(f"{DISPLAY_NAME[k]} = {v}" for k, v in ABLATIONS.items()) + ".",
 }
+
+
+def _note(table: str) -> str | None:
+    """The note under a sub-table's heading (Table 4's names its rows)."""
+    if table == "4":
+        return "Rows: " + "; ".join(f"{row_label(k)} = {v}" for k, v in ABLATIONS.items()) + "."
+    return NOTES.get(table)
 
 
 #: under Table 3b's heading when real rows were measured: which column is which scoring
@@ -419,12 +451,14 @@ def _number(value: float) -> str:
 
 
 def to_markdown(table: pd.DataFrame, title: str,
-                model_sizes: dict[tuple[str, str], str] | None = None) -> str:
+                model_sizes: dict[tuple[str, str], str] | None = None,
+                labels: dict[str, str] | None = None) -> str:
     """A readable rendering: one line per (sub-table, benchmark, backbone, method) in the order of
     ``table``, one column per setting and metric, cells "ours (paper)"; the shortlist QuARI and
     the others scored, and for re-ranking tables the time per 1k (ILIAS) or 100 (INQUIRE) pairs.
     Rows marked † are the paper's, not run here; a synthetic row's backbone says "(synthetic)";
-    a method of ``model_sizes`` ((backbone, method) -> size) has its size beside its name."""
+    a method of ``model_sizes`` ((backbone, method) -> size) has its size beside its name; a
+    row is printed as :func:`row_label` says (``labels``: row -> its evaluation's label)."""
     model_sizes = model_sizes or {}
     if table.empty:
         return f"# {title}\n\n(no rows)\n"
@@ -463,7 +497,7 @@ def to_markdown(table: pd.DataFrame, title: str,
         body, footnotes = [], []
         for (backbone, method), row in rows.items():
             size = model_sizes.get((backbone, method))
-            label = (DISPLAY_NAME.get(method, method) + (f" ({size})" if size else "")
+            label = (row_label(method, labels) + (f" ({size})" if size else "")
                      + (" †" if row["reported_only"] else ""))
             shown = f"{backbone} (synthetic)" if row["synthetic"] else backbone
             if row["notes"]:  # items left out: a footnote, never a silent denominator change
@@ -473,8 +507,8 @@ def to_markdown(table: pd.DataFrame, title: str,
             body.append([shown, label, *(row.get(c, "") for c in columns), row["shortlist"]]
                         + ([row["ms"]] if rerank else []))
         lines += [f"## Table {tab}: {bench}", ""]
-        if str(tab) in NOTES and str(tab) not in noted:
-            lines += [NOTES[str(tab)], ""]
+        if _note(str(tab)) and str(tab) not in noted:
+            lines += [_note(str(tab)), ""]
             noted.add(str(tab))
         if str(tab) == "3b" and (part["data"] == "real").any():
             lines += [RERANK_SCORING_NOTE, ""]
@@ -506,10 +540,19 @@ def model_sizes(df: pd.DataFrame) -> dict[tuple[str, str], str]:
     return {(b, m): s for b, m, s in sized[["backbone", "method", "model_size"]].itertuples(index=False)}
 
 
+def method_labels(df: pd.DataFrame) -> dict[str, str]:
+    """Row (config key) -> the label its evaluations recorded, where they recorded one."""
+    if "label" not in df:
+        return {}
+    named = df[df["label"].fillna("").astype(str) != ""]
+    return dict(zip(named["method"], named["label"]))
+
+
 def write_table(df: pd.DataFrame, paper: pd.DataFrame, name: str, csv_path: str | Path,
                 md_path: str | Path, run_id: str | None = None) -> pd.DataFrame:
     """Assemble table ``name`` and write its long-form CSV and Markdown atomically; returns it."""
     full = assemble_table(df, paper, name, run_id)
     atomic_write_text(csv_path, full.to_csv(index=False))
-    atomic_write_text(md_path, to_markdown(full, TABLES[name][1], model_sizes(df)))
+    atomic_write_text(md_path, to_markdown(full, TABLES[name][1], model_sizes(df),
+                                           method_labels(df)))
     return full

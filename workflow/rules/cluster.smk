@@ -13,9 +13,7 @@ if _pythonpath[:1] != [workflow.basedir]:
 
 def method_trains(method):
     """Whether fitting `method` learns anything (else its job only records its settings)."""
-    from quari.methods import get_method
-
-    return get_method(method_type(method)).trainable
+    return method_class(method).trainable
 
 
 if config["data"] == "real":

@@ -1,5 +1,6 @@
 # Configuration, validated at load, and the helpers that turn it into file lists.
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -11,6 +12,15 @@ from snakemake.exceptions import WorkflowError  # noqa: E402
 from quari.config import validate_config  # noqa: E402
 
 config.update(validate_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"))
+
+# methods of your own outside baselines/ (`method_packages`): this process and every job search them
+if config["method_packages"]:
+    from quari.methods import METHOD_PACKAGES_ENV, extra_method_packages  # noqa: E402
+
+    os.environ[METHOD_PACKAGES_ENV] = ",".join(dict.fromkeys([
+        *extra_method_packages(),
+        *(str(Path(p).resolve()) if "/" in p or p.endswith(".py") else p
+          for p in config["method_packages"])]))
 
 PAPER_NUMBERS = str(Path(workflow.basedir) / "workflow/resources/paper_numbers.csv")
 BACKBONES = config["backbones"]
@@ -27,49 +37,44 @@ REAL_SOURCES = (["ilias_core", "ilias_mini", "ilias_yfcc", "inquire", "inquire_r
 
 def _check_config_early():
     """Errors in nested settings (world, model, training, method names) at load, not mid-run."""
-    from quari.config import check_parameters, deep_merge
-    from quari.methods import get_method
-    from quari.model import QuARIConfig
-    from quari.training import TrainConfig
+    from quari.config import check_parameters
 
     # every method entry and nested block against the code that takes it (keys and types)
-    nested = {"quari": {"model": QuARIConfig, "train": TrainConfig},
-              "finetuned_backbone": {"train": TrainConfig}}
     ignore = ("self", "device", "embedding_dim")
-    problems = check_parameters(TrainConfig, config["quari"]["train"], "quari.train", ignore)
+    problems = []
+    classes = {}
     for name in METHODS:
         try:
-            cls = get_method(method_type(name))
+            classes[name] = method_class(name)
         except KeyError as err:
             raise WorkflowError(f"methods.{name}: {err.args[0]}") from None
-        problems += check_parameters(cls, method_params(name), f"methods.{name}", ignore,
-                                     nested.get(method_type(name)))
+    # the `quari` block, against the first method that takes its settings
+    sharing = [cls for cls in classes.values() if cls.shared_settings]
+    if sharing:
+        cls = sharing[0]
+        problems += check_parameters(cls, {k: v for k, v in config["quari"].items()
+                                           if k in cls.shared_settings}, "quari", ignore,
+                                     cls.nested_params)
+    for name, cls in classes.items():
+        problems += check_parameters(cls, own_params(name), f"methods.{name}", ignore,
+                                     cls.nested_params)
     if problems:
         raise WorkflowError("invalid configuration:\n  " + "\n  ".join(problems))
-    try:
-        QuARIConfig(embedding_dim=8, **{**config["quari"]["model"], "hidden_dim": 8, "nhead": 1})
-        TrainConfig(**config["quari"]["train"])
-    except (TypeError, ValueError) as err:
-        raise WorkflowError(f"quari: {err}") from None
     # then their values, as each method checks them when it is built (as train_method builds it)
-    for name in METHODS:
-        kind, params = method_type(name), method_params(name)
+    for name, cls in classes.items():
         try:
-            if kind == "quari":
-                params = deep_merge(config["quari"], params)
-                QuARIConfig(embedding_dim=8, **{**params["model"], "hidden_dim": 8, "nhead": 1})
-            if kind == "finetuned_backbone":
-                params = deep_merge({"train": config["quari"]["train"]}, params)
-            if "train" in params and kind in nested:
-                TrainConfig(**params["train"])
-            get_method(kind)(**params, device="cpu")
+            cls.check_settings(method_params(name))
         except (TypeError, ValueError, KeyError) as err:
             raise WorkflowError(f"methods.{name}: {err}") from None
-    if config["data"] == "synthetic":
-        needs_real = [m for m in METHODS if method_type(m) in RERANKER_BENCHMARK]
-        if needs_real:
-            raise WorkflowError(f"methods {needs_real}: they re-rank real images or local "
-                                "descriptors; run them with data: real")
+    # side inputs this kind of data has no rule for
+    evaluated = {m for _, _, m in evaluation_matrix()}
+    lacking = {m: [s for s in classes[m].side_inputs if s not in AVAILABLE_SIDE_INPUTS]
+               for m in METHODS if m in evaluated}
+    lacking = {m: s for m, s in lacking.items() if s}
+    if lacking:
+        other = "real" if config["data"] == "synthetic" else "synthetic"
+        raise WorkflowError(f"methods {sorted(lacking)}: they need {lacking} (side inputs), which "
+                            f"{config['data']} data does not provide; run them with data: {other}")
     if config["data"] == "real":
         _check_real_config()
         if "evaluations" not in config:
@@ -82,13 +87,19 @@ def _check_config_early():
             if unknown:
                 raise WorkflowError(f"evaluations[{n}].{key}: {unknown} not among {known}")
         for method in block["methods"]:
-            if method_type(method) == "quari_released":
-                _check_released_backbones(n, method, block["backbones"])
-            only = RERANKER_BENCHMARK.get(method_type(method))
-            other = [b for b in block["benchmarks"] if b != only]
-            if only and other:
-                raise WorkflowError(f"evaluations[{n}]: {method} ({method_type(method)}) re-ranks "
-                                    f"{only} only (its inputs are that benchmark's files), not {other}")
+            cls = classes[method]
+            if "backbone" in cls.side_inputs:
+                _check_backbones(n, method, cls, block["backbones"])
+            only = cls.benchmarks
+            other = [b for b in block["benchmarks"] if only is not None and b not in only]
+            if other:
+                verb = "re-ranks" if cls.reranker_only else "runs on"
+                raise WorkflowError(f"evaluations[{n}]: {method} ({method_type(method)}) {verb} "
+                                    f"{' / '.join(only)} only (its inputs are that benchmark's "
+                                    f"files), not {other}")
+    if config["figures"]["tsne"]["method"] not in METHODS:
+        raise WorkflowError(f"figures.tsne.method: {config['figures']['tsne']['method']!r} is not "
+                            f"an entry of methods ({', '.join(METHODS)})")
     if config["data"] == "synthetic":
         from quari.synthetic import WorldConfig
 
@@ -117,12 +128,31 @@ def method_type(method):
     return METHODS[method].get("type", method)
 
 
+def method_class(method):
+    """The class of a config entry's method: what it declares (quari.methods.RetrievalMethod)
+    decides its inputs, settings and where it runs."""
+    from quari.methods import get_method
+
+    return get_method(method_type(method))
+
+
 # keys of a method entry that the workflow reads and the method never sees
 WORKFLOW_KEYS = ("type", "training_set")
 
 
-def method_params(method):
+def own_params(method):
+    """The settings of a method's own config entry."""
     return {k: v for k, v in METHODS[method].items() if k not in WORKFLOW_KEYS}
+
+
+def method_params(method):
+    """Every setting a method is built with: its entry over the keys of the `quari` block it
+    shares (its class's `shared_settings`; nothing for most methods), so that editing
+    `quari.train` concerns only the methods that train with QuARI's recipe."""
+    from quari.config import deep_merge
+
+    shared = method_class(method).shared_settings
+    return deep_merge({k: v for k, v in config["quari"].items() if k in shared}, own_params(method))
 
 
 def training_set_of(method):
@@ -133,41 +163,46 @@ def training_set_of(method):
     return METHODS[method].get("training_set", config["real"]["default_training_set"])
 
 
-# methods trained on QuARI's training pairs (its `quari.train` recipe, semi-positives included)
-QUARI_DATA_METHODS = ("quari", "finetuned_backbone")
-# Table 3 re-rankers that read more than embeddings (real data only): DINOv2 local descriptors
-# of ILIAS images (3a), INQUIRE-Rerank's candidate images and query texts (3b)
-LOCAL_FEATURE_METHODS = ("chamfer", "spatial_verification", "ames")
-VLM_METHODS = ("vlm_reranker",)
-# the one benchmark each of them runs on (their inputs are that benchmark's files)
-RERANKER_BENCHMARK = {**dict.fromkeys(LOCAL_FEATURE_METHODS, "ilias"),
-                      **dict.fromkeys(VLM_METHODS, "inquire_rerank")}
+# The side inputs a method may declare (RetrievalMethod.side_inputs), with the file each is: the
+# training collection's mined semi-positives and, per kind of data, what its rules prepare. The
+# synthetic world has its true subspaces (the oracle); real data has DINOv2 local descriptors of
+# ILIAS images and INQUIRE-Rerank's candidate images and query texts as files, and the backbones'
+# registry entries (`backbone`, no file).
+SIDE_INPUTS = {
+    "semipositives": "results/mining/{trainset}/{backbone}/semipositives.npz",
+    **({"oracle_file": "results/embeddings/{trainset}/{backbone}/oracle.npz"}
+       if config["data"] == "synthetic" else {
+        "local_descriptors": "results/local_descriptors/ilias/{backbone}/database.npz",
+        "query_local_descriptors": "results/local_descriptors/ilias/queries.npz",
+        "gallery_images": "results/data/inquire_rerank_images.tsv",
+        "query_texts": "results/data/inquire_rerank_queries.tsv",
+    }),
+}
+AVAILABLE_SIDE_INPUTS = [*SIDE_INPUTS, *(["backbone"] if config["data"] == "real" else [])]
 
 
 def get_train_inputs(wildcards):
-    """What training a method needs: the collection, and semi-positives for QuARI; nothing for
-    a method fitted without training data (a released checkpoint)."""
-    from quari.methods import get_method
-
-    if not getattr(get_method(method_type(wildcards.method)), "uses_training_data", True):
-        return {}
+    """What fitting a method reads: the training collection when it uses one, and the files of
+    the side inputs it declares."""
+    cls = method_class(wildcards.method)
     trainset = training_set_of(wildcards.method)
-    inputs = {
-        "train": f"results/embeddings/{trainset}/{wildcards.backbone}/train",
-        "valid": f"results/embeddings/{trainset}/{wildcards.backbone}/valid",
-    }
-    if method_type(wildcards.method) in QUARI_DATA_METHODS:
-        inputs["semipositives"] = f"results/mining/{trainset}/{wildcards.backbone}/semipositives.npz"
-    if method_type(wildcards.method) == "oracle":
-        inputs["oracle"] = f"results/embeddings/{trainset}/{wildcards.backbone}/oracle.npz"
-    if method_type(wildcards.method) in LOCAL_FEATURE_METHODS:  # the fit context's files
-        inputs["local_descriptors"] = (f"results/local_descriptors/ilias/{wildcards.backbone}/"
-                                       "database.npz")
-        inputs["query_local_descriptors"] = "results/local_descriptors/ilias/queries.npz"
-    if method_type(wildcards.method) in VLM_METHODS:
-        inputs["gallery_images"] = "results/data/inquire_rerank_images.tsv"
-        inputs["query_texts"] = "results/data/inquire_rerank_queries.tsv"
+    inputs = {}
+    if cls.uses_training_data:
+        inputs["train"] = f"results/embeddings/{trainset}/{wildcards.backbone}/train"
+        inputs["valid"] = f"results/embeddings/{trainset}/{wildcards.backbone}/valid"
+    for name in cls.side_inputs:
+        if name in SIDE_INPUTS:
+            inputs[name] = SIDE_INPUTS[name].format(trainset=trainset, backbone=wildcards.backbone)
     return inputs
+
+
+def get_train_models(wildcards):
+    """real.models restricted to the backbone, for a method given the backbone's registry entry
+    (its local path and overrides, if any); nothing for the others."""
+    if "backbone" not in method_class(wildcards.method).side_inputs:
+        return {}
+    models = config.get("real", {}).get("models", {})
+    return {wildcards.backbone: models[wildcards.backbone]} if wildcards.backbone in models else {}
 
 
 def get_eval_inputs(wildcards):
@@ -213,18 +248,15 @@ def get_training_set_files(wildcards):
     return [f"results/data/{c}.json" for c in config["real"]["training_sets"][wildcards.trainset]]
 
 
-def _check_released_backbones(n, method, backbones):
-    """A released checkpoint runs only on the backbone it was trained on (checked at load)."""
-    from baselines.quari_released import release_for
+def _check_backbones(n, method, cls, backbones):
+    """A method given the backbone's registry entry may refuse some backbones (a released
+    checkpoint runs only on the backbone it was trained on): checked at load."""
     from quari.data.embedding_jobs import configured_backbone
 
-    if config["data"] != "real":
-        raise WorkflowError(f"evaluations[{n}]: {method} evaluates the authors' checkpoints on "
-                            "real backbones; run it with data: real")
     for name in backbones:
         info, _ = configured_backbone(name, config["real"].get("models"))
         try:
-            release_for(info)
+            cls.check_backbone(info)
         except ValueError as err:
             raise WorkflowError(f"evaluations[{n}]: {method}: {err}") from None
 
@@ -280,7 +312,7 @@ def _check_real_config():
 
 
 def get_tsne_inputs(wildcards):
-    """Figure 3's inputs: QuARI on the figure's backbone, an ILIAS gallery (`ilias_benchmark`)
+    """Figure 3's inputs: QuARI (`method`) on the figure's backbone, an ILIAS gallery (`ilias_benchmark`)
     with the ILIAS image queries, and an INQUIRE gallery with its text queries
     (`inquire_benchmark`: Fullrank's pool, or INQUIRE-Rerank's candidates)."""
     tsne = config["figures"]["tsne"]
@@ -288,7 +320,7 @@ def get_tsne_inputs(wildcards):
     ilias_b = tsne.get("ilias_benchmark", "ilias")
     inquire_b = tsne.get("inquire_benchmark", "inquire")
     return {
-        "model": f"results/models/quari/{bb}/method.json",
+        "model": f"results/models/{tsne['method']}/{bb}/method.json",
         "ilias": f"results/embeddings/{ilias_b}/{bb}/gallery",
         "ilias_queries": f"results/embeddings/ilias/{bb}/image_queries",
         "inquire": f"results/embeddings/{inquire_b}/{bb}/gallery",

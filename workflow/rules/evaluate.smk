@@ -22,7 +22,7 @@ rule evaluate:
     # streaming search: CPU threads feed the GPU (or score, without one)
     threads: 4
     resources:
-        mem_mb=lambda wildcards: 96000 if method_type(wildcards.method) in VLM_METHODS else 32000,
+        mem_mb=lambda wildcards: method_class(wildcards.method).evaluation_mem_mb,
         runtime=1440,
         gpu=int(config["data"] == "real"),
     conda:

@@ -1,6 +1,6 @@
 # Real data: locate (download and verify, or find under data_root) -> ground truth -> embed.
 # Table 3's re-rankers that read more than embeddings: DINOv2 local descriptors of ILIAS image
-# queries and of the database images in some query's top-k (chamfer, spatial_verification), and
+# queries and of the database images in some query's top-k (the local-feature re-rankers), and
 # INQUIRE-Rerank's candidate images as files (the VLM re-rankers).
 # Raw files live under real.data_root; manifests of the local files under results/data/; the
 # embedding cache under results/embeddings/{dataset}/{backbone}/{split}.

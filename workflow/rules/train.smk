@@ -11,14 +11,13 @@ rule train_method:
     params:
         method_type=lambda wildcards: method_type(wildcards.method),
         method_params=lambda wildcards: method_params(wildcards.method),
-        quari=config["quari"],
-        models=config.get("real", {}).get("models", {}),
+        models=get_train_models,
         device=config["device"],
         max_dropped_fraction=config["evaluation"]["max_dropped_fraction"],
     # Synthetic-world models are small: one thread each is nearly as fast as several, so they
     # train side by side; real-data training feeds one GPU.
     threads: 8 if config["data"] == "real" else 1
-    # methods with nothing to fit (identity, alpha-QE, the re-rankers) only write their settings
+    # methods with nothing to fit (their class says trainable = False) only write their settings
     resources:
         mem_mb=lambda wildcards: 64000 if method_trains(wildcards.method) else 4000,
         runtime=lambda wildcards: 2880 if method_trains(wildcards.method) else 30,

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 from quari.methods import get_method
-from baselines.local_features.rerankers import LocalFeatureReranker
 from quari.data.inquire import rerank_candidates, rerank_full_pool_positives
 from quari.evaluation import RetrievalTask, evaluate_rerank, evaluate_search, hardware_name
 from quari.dropped import DROPPED_FILE, check_dropped, read_training_report, set_report
@@ -32,10 +31,11 @@ def main(smk):
                             {"t2i": evaluate_inquire_rerank(smk, method, gallery, positives)})
     tasks = []
     if w.benchmark in ("ilias", "ilias_mini"):
-        if "i2i" in ev["ilias"]["tasks"]:
+        # each task whose query type the method ranks for (local-feature re-rankers compare
+        # images: a text query has no local descriptors)
+        if "i2i" in ev["ilias"]["tasks"] and "image" in cls.query_types:
             tasks.append(RetrievalTask("i2i", load_embedding_set(smk.input.image_queries), gallery, positives))
-        # local-feature re-rankers compare images: a text query has no local descriptors
-        if "t2i" in ev["ilias"]["tasks"] and not issubclass(cls, LocalFeatureReranker):
+        if "t2i" in ev["ilias"]["tasks"] and "text" in cls.query_types:
             tasks.append(RetrievalTask("t2i", load_embedding_set(smk.input.text_queries), gallery, positives))
         k, rerank_k = ev["ilias"]["k"], ev["ilias"]["rerank_shortlist"]
         metric_family = "ilias"
@@ -105,7 +105,7 @@ def write_result(smk, cls, method, benchmark, gallery_size, results):
     w, p = smk.wildcards, smk.params
     atomic_write_json(smk.output[0], {
         "run_id": p.run_id, "data": p.data, "benchmark": benchmark, "backbone": w.backbone,
-        "method": w.method, "method_type": p.method_type, "label": cls.label or cls.name,
+        "method": w.method, "method_type": p.method_type, "label": method.display_label(),
         "model_size": method.model_size(),
         "device": str(method.device), "hardware": hardware_name(method.device), "gallery_size": gallery_size, "tasks": results,
         "dropped": dropped_reports(smk),

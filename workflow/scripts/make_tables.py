@@ -1,8 +1,7 @@
-"""Assemble results/table{1,2,3,4}.csv (long form) with their Markdown renderings, and the report."""
+"""Assemble results/table{1,2,3,4}.csv (long form) with their Markdown renderings."""
 
 import pandas as pd
 
-from quari.reporting.report import write_report
 from quari.runlog import log_to
 from quari.reporting.tables import TABLES, evaluation_rows, load_evaluations, write_table
 
@@ -13,8 +12,6 @@ def main(smk):
     for name in TABLES:
         write_table(rows, paper, name, smk.output[f"table{name}"], smk.output[f"table{name}_md"],
                     smk.params.run_id)
-    write_report(smk.output.report, [smk.output[f"table{name}_md"] for name in TABLES],
-                 smk.input.figures, dict(smk.params.config), smk.input.evaluations)
 
 
 with log_to(snakemake.log[0]):  # noqa: F821

@@ -6,7 +6,6 @@ from pathlib import Path
 import torch
 
 from quari.methods import get_method
-from quari.config import deep_merge
 from quari.mining import load_semipositives
 from quari.dropped import DROPPED_FILE, check_training_collection
 from quari.runlog import log_to
@@ -19,24 +18,17 @@ def main(smk):
     p = smk.params
     torch.set_num_threads(max(1, smk.threads))
     cls = get_method(p.method_type)
-    params = dict(p.method_params)
-    if p.method_type == "quari":  # the quari section is the base; a method entry overrides it
-        params = deep_merge(p.quari, params)
-    if p.method_type == "finetuned_backbone":  # QuARI's training recipe and data, no hypernetwork
-        base = {"train": p.quari["train"], "image_query_fraction": p.quari["image_query_fraction"]}
-        params = deep_merge(base, params)
-    method = cls(**params, device=p.device)
+    method = cls(**p.method_params, device=p.device)  # the rule merged any shared settings in
+    # the side inputs the method declares, prepared by the rules: files are given as absolute
+    # paths (the method keeps them), the backbone as its registry entry; semi-positives are read
+    # below, once the training collection they must match is loaded
     context = {}
-    if "oracle" in smk.input.keys():
-        context["oracle_file"] = smk.input.oracle
-    # Table 3's re-rankers read files the rules prepared: local descriptors (chamfer, spatial
-    # verification), candidate images and query texts (VLMs); the method keeps their paths
-    for key in ("local_descriptors", "query_local_descriptors", "gallery_images", "query_texts"):
-        if key in smk.input.keys():
-            context[key] = str(Path(getattr(smk.input, key)).resolve())
-    if getattr(cls, "needs_backbone", False):  # e.g. a released checkpoint checks its backbone
-        from quari.data.embedding_jobs import configured_backbone
-        context["backbone"], _ = configured_backbone(smk.wildcards.backbone, p.models)
+    for name in cls.side_inputs:
+        if name == "backbone":
+            from quari.data.embedding_jobs import configured_backbone
+            context["backbone"], _ = configured_backbone(smk.wildcards.backbone, p.models)
+        elif name != "semipositives":
+            context[name] = str(Path(getattr(smk.input, name)).resolve())
     out_dir = Path(smk.output[0]).parent
     if "train" in smk.input.keys():
         train = load_training_collection(smk.input.train)
