@@ -198,6 +198,7 @@ def test_declarations_are_consistent(name, tmp_path):
     assert set(cls.shared_settings) <= {"model", "train", "image_query_fraction"}
     assert set(cls.nested_params) <= set(inspect.signature(cls.__init__).parameters)
     assert not (cls.trainable and not cls.uses_training_data and not cls.side_inputs)
+    assert cls.reranker or not cls.reranker_only  # a re-ranker only is a re-ranker
     label = cls(**constructor_params(name, tmp_path), device="cpu").display_label()
     assert label and "{" not in label
 
