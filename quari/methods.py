@@ -294,10 +294,21 @@ def extra_method_packages() -> list[str]:
     return [p.strip() for p in os.environ.get(METHOD_PACKAGES_ENV, "").split(",") if p.strip()]
 
 
+def _is_path(entry: str) -> bool:
+    return os.sep in entry or "/" in entry or entry.endswith(".py")
+
+
+def with_method_packages(entries: Sequence[str]) -> str:
+    """``$QUARI_METHOD_PACKAGES`` with ``entries`` added (paths made absolute, so that a process
+    started elsewhere finds them too)."""
+    added = [str(Path(e).resolve()) if _is_path(e) else e for e in entries]
+    return ",".join(dict.fromkeys([*extra_method_packages(), *added]))
+
+
 def _importable(entry: str) -> str:
     """The module name of a ``$QUARI_METHOD_PACKAGES`` entry; a path's parent folder goes on
     ``sys.path``."""
-    if os.sep not in entry and "/" not in entry and not entry.endswith(".py"):
+    if not _is_path(entry):
         return entry
     path = Path(entry).resolve()
     if not path.exists():

@@ -15,12 +15,9 @@ config.update(validate_config(config, Path(workflow.basedir) / "workflow/schemas
 
 # methods of your own outside baselines/ (`method_packages`): this process and every job search them
 if config["method_packages"]:
-    from quari.methods import METHOD_PACKAGES_ENV, extra_method_packages  # noqa: E402
+    from quari.methods import METHOD_PACKAGES_ENV, with_method_packages  # noqa: E402
 
-    os.environ[METHOD_PACKAGES_ENV] = ",".join(dict.fromkeys([
-        *extra_method_packages(),
-        *(str(Path(p).resolve()) if "/" in p or p.endswith(".py") else p
-          for p in config["method_packages"])]))
+    os.environ[METHOD_PACKAGES_ENV] = with_method_packages(config["method_packages"])
 
 PAPER_NUMBERS = str(Path(workflow.basedir) / "workflow/resources/paper_numbers.csv")
 BACKBONES = config["backbones"]
