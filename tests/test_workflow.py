@@ -15,8 +15,7 @@ from tests.builders import TINY
 from tests.builders import ROOT, SNAKEMAKE, scheduled_inputs, scheduled_jobs, snakemake
 
 #: the tiny configuration's methods, with a global-feature re-ranker (alpha-QE)
-METHODS = {**{k: v for k, v in TINY["methods"].items() if k != "toy"},
-           "alpha_qe1": {"type": "alpha_qe", "neighbours": 1}}
+METHODS = {**TINY["methods"], "alpha_qe1": {"type": "alpha_qe", "neighbours": 1}}
 
 TOY_RERANKER = '''
 """A toy re-ranker: cosine of query and candidate inside the query category's true subspace,
