@@ -823,12 +823,19 @@ def _topk_pruned(t: QueryTransform, gallery: Gallery, k: int, chunk_rows: int, n
             best_s, best_i = bests[j]
             all_bounded = bool(p.bounded.all())
             x = _products(p, rows, dd)
+            if not bool(p.bounded.any()):  # spread spectra only: the full path's scores
+                every = list(range(p.batch_size))
+                s = _rescore_dense(p, every, rows, x[:, :p.batch_size].T, dd).float()
+                ids = torch.arange(start, start + n, device=device).expand(len(every), -1)
+                bests[j] = merge_topk(best_s, best_i, s, ids, k)
+                rescored += n * len(every)
+                continue
             # screen every row against the running threshold (a query without a positive one
             # takes every row; one without bounds is scored on every row below)
             if taus[j] is None:
                 taus[j] = _kth(k, best_s, pool.lower)[:, 0]
             tau = taus[j]
-            if not bool((tau > 0).all()):
+            if bool(((tau <= 0) & p.bounded).any()):
                 seeded = _kth(k, best_s, pool.lower, _seed(p, x, norms).T.float())[:, 0]
                 tau = torch.maximum(tau, seeded * (1 - 2 * margin))
             thr = torch.where(tau > 0, tau * (1 - 2 * margin), float("-inf"))

@@ -242,6 +242,14 @@ class IdColumn(Sequence):
         return (np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)), found
 
 
+def ids_at(ids: Sequence[str], rows) -> list[str]:
+    """The ids of row numbers ``rows`` (1-D) of a sequence of ids: for an :class:`IdColumn`,
+    only those rows are decoded."""
+    if isinstance(ids, IdColumn):
+        return ids.take(np.asarray(rows, dtype=np.int64).reshape(-1)).tolist()
+    return [ids[int(r)] for r in rows]
+
+
 def find_rows(ids: Sequence[str], wanted: Iterable[str]) -> dict[str, np.ndarray]:
     """Row numbers (ascending) of each id of ``wanted`` found in ``ids`` (a list or an
     :class:`IdColumn`), in one pass; ids not found are absent from the result."""

@@ -228,6 +228,12 @@ def test_local_reranker_needs_gallery_ids(local_world):
     got = method.rerank(gallery[:1], gallery, np.array([[0, 1, 2]]), query_ids=["q0"])
     assert got[0, 1].item() == -np.inf  # ranked last, logged, not fatal
     assert torch.equal(got[0, [0, 2]], ref[0])
+    # a memory-mapped id column is kept as it is (only shortlisted rows are decoded)
+    from quari.store import IdColumn
+    method.set_gallery(IdColumn.from_strings(["a", "zz", "b", "c", "d"]))
+    assert isinstance(method.gallery_ids_, IdColumn)
+    assert torch.equal(method.rerank(gallery[:1], gallery, np.array([[0, 1, 2]]),
+                                     query_ids=["q0"]), got)
 
 
 @pytest.mark.parametrize("cls", [ChamferReranker, SpatialVerificationReranker])

@@ -293,3 +293,11 @@ def test_a_large_array_is_written_in_blocks(tmp_path, rng, monkeypatch):
     assert all(isinstance(r, slice) and r.stop - r.start <= 7 for r in reads) and len(reads) == 8
     with np.load(tmp_path / "out.npz") as f:
         np.testing.assert_array_equal(f["x"], x)
+
+
+def test_ids_at_decodes_only_the_rows_asked():
+    from quari.store import IdColumn, encode_ids, ids_at
+    ids = ["a", "bb", "ccc", "d\u00e9"]
+    column = IdColumn([encode_ids(ids[:3]), encode_ids(ids[3:])])
+    for rows in ([3, 0, 2], np.array([1]), []):
+        assert ids_at(column, rows) == ids_at(ids, rows) == [ids[r] for r in rows]

@@ -31,6 +31,7 @@ import torch
 
 from baselines.local_features import matching as local_matching
 from quari.methods import RetrievalMethod
+from quari.store import IdColumn, ids_at
 
 _STATE = "local_features.json"
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class LocalFeatureReranker(RetrievalMethod):
         self.files_: dict[str, str] = {}
         self.database_: local_matching.LocalDescriptors | None = None
         self.queries_: local_matching.LocalDescriptors | None = None
-        self.gallery_ids_: list[str] | None = None
+        self.gallery_ids_: Sequence[str] | None = None
 
     def fit(self, train, valid=None, workdir=None, local_descriptors=None,
             query_local_descriptors=None, gallery_ids: Sequence[str] | None = None, **context):
@@ -69,8 +70,9 @@ class LocalFeatureReranker(RetrievalMethod):
         self.queries_ = local_matching.load_local_descriptors(queries)
 
     def set_gallery(self, ids: Sequence[str]) -> None:
-        """Declare the id of every gallery row (row order) that ``rerank`` will receive."""
-        self.gallery_ids_ = list(ids)
+        """Declare the id of every gallery row (row order) that ``rerank`` will receive. A
+        memory-mapped id column is kept as it is: only the shortlisted rows are translated."""
+        self.gallery_ids_ = ids if isinstance(ids, IdColumn) else list(ids)
 
     # -- ranking --------------------------------------------------------------------------
     def prepare(self, queries: torch.Tensor, query_ids: Sequence[str] | None = None
@@ -102,7 +104,7 @@ class LocalFeatureReranker(RetrievalMethod):
         missing: set[str] = set()
         with torch.no_grad():
             for b, row in enumerate(shortlist):
-                ids = [self.gallery_ids_[r] for r in row]
+                ids = ids_at(self.gallery_ids_, row)
                 have = [j for j, i in enumerate(ids) if i in known]
                 missing.update(i for i in ids if i not in known)
                 if have:
@@ -121,7 +123,8 @@ class LocalFeatureReranker(RetrievalMethod):
 
     # -- persistence ----------------------------------------------------------------------
     def save_state(self, directory: Path) -> None:
-        (directory / _STATE).write_text(json.dumps({**self.files_, "gallery_ids": self.gallery_ids_}))
+        ids = None if self.gallery_ids_ is None else list(self.gallery_ids_)
+        (directory / _STATE).write_text(json.dumps({**self.files_, "gallery_ids": ids}))
 
     def load_state(self, directory: Path) -> None:
         state = json.loads((directory / _STATE).read_text())

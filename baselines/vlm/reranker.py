@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from quari.embedding_cache import ImageSource, open_image, read_items_tsv
 from quari.methods import RetrievalMethod
-from quari.store import atomic_write_text
+from quari.store import IdColumn, atomic_write_text, ids_at
 from baselines.vlm.scorer import INQUIRE_TEMPERATURE, YesNoScorer, get_vlm
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class VLMReranker(RetrievalMethod):
                          device=device)
         self.images_: dict[str, ImageSource] | None = None
         self.texts_: dict[str, str] | None = None
-        self.gallery_ids_: list[str] | None = None
+        self.gallery_ids_: Sequence[str] | None = None
         self.scorer_: YesNoScorer | None = None
 
     def fit(self, train, valid=None, workdir=None, gallery_images=None, query_texts=None,
@@ -98,8 +98,9 @@ class VLMReranker(RetrievalMethod):
         return self
 
     def set_gallery(self, ids: Sequence[str]) -> None:
-        """Declare the id of every gallery row (row order) that ``rerank`` will receive."""
-        self.gallery_ids_ = list(ids)
+        """Declare the id of every gallery row (row order) that ``rerank`` will receive. A
+        memory-mapped id column is kept as it is: only the shortlisted rows are translated."""
+        self.gallery_ids_ = ids if isinstance(ids, IdColumn) else list(ids)
 
     def scorer(self) -> YesNoScorer:
         """The loaded model (loaded on first use)."""
@@ -156,7 +157,7 @@ class VLMReranker(RetrievalMethod):
             raise RuntimeError(f"{self.name} is not fitted (no gallery images)")
         shortlist = np.asarray(shortlist)
         texts = self.prepare(torch.empty(0), query_ids)
-        out = [self.score_images(text, [self.gallery_ids_[r] for r in rows])
+        out = [self.score_images(text, ids_at(self.gallery_ids_, rows))
                for text, rows in tqdm(list(zip(texts, shortlist)), desc=f"{self.name} rerank",
                                       unit="query", disable=None)]
         return torch.from_numpy(np.stack(out)).float()
