@@ -128,7 +128,9 @@ def tiny_real_config(data_root: Path, models: Path, precomputed: str) -> dict:
             "ilias": {"mini_shards": 2, "yfcc_shards": 2},
             # one job per YFCC / mini-ILIAS shard, the iNat24 pool in two slices
             "fan_out": {"ilias_yfcc_shards_per_job": 1, "ilias_mini_shards_per_job": 1,
-                        "inquire_pool_jobs": 2},
+                        "inquire_pool_jobs": 2,
+                        # CC12M one tar per part, UnED in three slices; COCO one part
+                        "collection_jobs": {"cc12m": 2, "uned": 3}},
             "local_descriptors": {"model": str(models / "dinov2"), "resolution": 32,
                                   "query_descriptors": 12, "database_descriptors": 6,
                                   "batch_size": 2, "num_workers": 0, "shortlist_margin": 2,
@@ -451,6 +453,11 @@ def make_collections(root: Path) -> dict:
         members[f"{i:09d}.jpg"] = jpeg_bytes(400 + i)
         members[f"{i:09d}.txt"] = f"the {WORDS[i]} bird".encode()
     write_tar(root / "cc12m" / "cc12m-train-0000.tar", members)
+    members = {}  # a second shard: CC12M is embedded one group of shards per job
+    for i in range(4):
+        members[f"{i:09d}.jpg"] = jpeg_bytes(450 + i)
+        members[f"{i:09d}.txt"] = f"a {WORDS[(i + 4) % 9]} bird".encode()
+    write_tar(root / "cc12m" / "cc12m-train-0001.tar", members)
     uned = root / "uned"
     lines = []
     for i in range(12):
@@ -459,7 +466,7 @@ def make_collections(root: Path) -> dict:
         (uned / "images" / rel).write_bytes(jpeg_bytes(500 + i))
         lines.append(f"{rel},{i % 3},{i % 2}")
     (uned / "uned_paths_1M.txt").write_text("\n".join(lines) + "\n")
-    return {"coco_images": 8, "coco_captions": 16, "cc12m": 6, "uned": 12}
+    return {"coco_images": 8, "coco_captions": 16, "cc12m": 10, "uned": 12}
 
 
 # ----------------------------------------------------------------------------- a local HTTP server

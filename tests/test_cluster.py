@@ -86,7 +86,8 @@ def test_default_profile_runs_gpu_jobs_one_at_a_time_on_one_machine():
 
 def test_paper_dry_run_fans_out_every_large_set(paper_dry_run):
     """At least one embedding job per group of YFCC100M shards per backbone (1,000 shards:
-    ILIAS's 100M gallery), each asking for a GPU; the galleries are assembled from their parts."""
+    ILIAS's 100M gallery), and per group of CC12M tars / slice of UnED per backbone that trains
+    on them, each asking for a GPU; galleries and training sets are assembled from their parts."""
     from quari.config import validate_config
     config = validate_config(yaml.safe_load((ROOT / "workflow/config/paper.yaml").read_text()),
                              ROOT / "workflow/schemas/config.schema.yaml")
@@ -115,11 +116,35 @@ def test_paper_dry_run_fans_out_every_large_set(paper_dry_run):
     part_jobs = [res for rule, res in jobs if rule == "embed_gallery_part"]
     assert len(part_jobs) == len(part_outputs) == 7 * (1 + yfcc_groups + mini_groups) + len(inquire)
     assert all(res["gpu"] == "1" for res in part_jobs)
+    # the training collections: CC12M one group of tars per job (each group downloaded once,
+    # shared by the backbones), UnED in equal slices, COCO and BioTrove one part each
+    collection_jobs, sets = fan_out["collection_jobs"], config["real"]["training_sets"]
+    assert collection_jobs["cc12m"] > 1 and collection_jobs["uned"] > 1
+    training: dict[tuple[str, str], list[str]] = {}
+    for line in paper_dry_run.splitlines():
+        if line.strip().startswith("output: results/embeddings/") and "/training-parts/" in line:
+            _, _, trainset, backbone, _, collection, part = line.split(":", 1)[1].strip().split("/")
+            training.setdefault((trainset, backbone), []).append(f"{collection}/{part}")
+    assert sorted({t for t, _ in training}) == ["captions", "uned"]
+    assert len({b for t, b in training if t == "captions"}) == 8  # every backbone QuARI trains on
+    assert len({b for t, b in training if t == "uned"}) == 7  # Table 1b's
+    for (trainset, backbone), got in training.items():
+        assert sorted(got) == sorted(f"{c}/{p:04d}" for c in sets[trainset]
+                                     for p in range(collection_jobs.get(c, 1))), (trainset, backbone)
+    training_jobs = [res for rule, res in jobs if rule == "embed_training_part"]
+    assert len(training_jobs) == sum(map(len, training.values())) == \
+        8 * (1 + collection_jobs["cc12m"] + 1) + 7 * collection_jobs["uned"]
+    assert all(res["gpu"] == "1" for res in training_jobs)
     downloads = [res for rule, res in jobs if rule == "locate_data_group"]
-    assert len(downloads) == yfcc_groups + mini_groups  # downloaded once, shared by backbones
+    # downloaded once, shared by backbones
+    assert len(downloads) == yfcc_groups + mini_groups + collection_jobs["cc12m"]
     assert all(res.get("gpu", "0") == "0" for res in downloads)
     assembled = [res for rule, res in jobs if rule == "assemble_gallery"]
     assert len(assembled) == 7 + 7 + 5 and all(res.get("gpu", "0") == "0" for res in assembled)
+    assembled = [res for rule, res in jobs if rule == "assemble_training_set"]
+    assert len(assembled) == len(training) == 8 + 7
+    assert all(res.get("gpu", "0") == "0" for res in assembled)
+    assert not [rule for rule, _ in jobs if rule == "embed_training_set"]  # no single job left
 
 
 def test_ci_slurm_profile_maps_every_gpu_request_to_nothing():
@@ -251,6 +276,27 @@ def same_embedding_sets(a: Path, b: Path) -> None:
     assert np.array_equal(np.asarray(x.embeddings), np.asarray(y.embeddings)), (a, b)
 
 
+def single_job_training_set(config: Path, trainset: str, backbone: str, out: Path) -> dict:
+    """What the one job per training set wrote before the fan-out: its collections read whole,
+    held out and merged (collections.training_split), each side embedded in one go
+    (embedding_jobs.embed_training_collection). Returns {side: folder}."""
+    from quari.backbones import ilias_transform, load_backbone, model_transform
+    from quari.data import collections, embedding_jobs, sources
+    real = yaml.safe_load(config.read_text())["real"]
+    names = real["training_sets"][trainset]
+    files = [sources.locate_collection(c, real["collections"][c], real["data_root"], False)
+             for c in names]
+    train, valid, protocol = collections.training_split(names, files, real["collections"],
+                                                        real["valid_fraction"])
+    info, path = embedding_jobs.configured_backbone(backbone, real["models"])
+    encoder = load_backbone(info, path=path, device="cpu")
+    transform = ilias_transform(info) if protocol == "ilias" else model_transform(info)
+    return {side: embedding_jobs.embed_training_collection(
+                encoder, pairs, out / trainset / side, transform, f"{trainset}-{side}",
+                meta={"protocol": protocol}, progress=False, **real["embedding"])
+            for side, pairs in (("train", train), ("valid", valid))}
+
+
 @pytest.fixture(scope="module")
 def tiny_real_world(tmp_path_factory):
     """Generated official-format files, two tiny backbones and the config the cluster test runs."""
@@ -281,10 +327,20 @@ def test_real_data_dag_through_the_slurm_executor(tiny_real_world):
         pytest.skip(f"no local SLURM: {reason}")
     root, config = tiny_real_world
     args = [*CLUSTER_TARGETS, "--configfile", str(config), "--replace-workflow-config"]
-    # locally, also a method trained on a collection (QuARI; identity reads none)
+    # locally, also a method trained on a collection (QuARI; identity reads none), and the UnED
+    # training set
     trained = "results/eval/ilias/tiny-siglip/quari.json"
-    local = snakemake(root / "local", trained, *args, "--max-threads", "1")
+    uned = "results/embeddings/uned/tiny-siglip/train"
+    local = snakemake(root / "local", trained, uned, *args, "--max-threads", "1")
     assert local.returncode == 0, local.stderr[-5000:]
+    # the training sets, assembled from parts (COCO one, CC12M one per tar, UnED three slices),
+    # equal what the single job embedding each set whole wrote, row, id and label alike
+    from tests.test_data_embedding_jobs import _same_collections
+    for trainset in ("captions", "uned"):
+        reference = single_job_training_set(config, trainset, "tiny-siglip", root / "single")
+        for side in ("train", "valid"):
+            _same_collections(reference[side],
+                              root / "local/results/embeddings" / trainset / "tiny-siglip" / side)
 
     # editing one collection's max_images re-runs only what reads that collection: QuARI's
     # training set, its mined semi-positives, training and evaluation; not the galleries, not
@@ -296,9 +352,10 @@ def test_real_data_dag_through_the_slurm_executor(tiny_real_world):
                     str(root / "edited.yaml"), "--replace-workflow-config", "-n")
     assert dry.returncode == 0, dry.stderr[-3000:]
     rerun = job_resources(dry.stdout + dry.stderr)
-    assert {rule for rule, _ in rerun} == {"embed_training_set", "mine_semipositives",
-                                           "train_method", "evaluate"}, rerun
+    assert {rule for rule, _ in rerun} == {"embed_training_part", "assemble_training_set",
+                                           "mine_semipositives", "train_method", "evaluate"}, rerun
     assert sum(rule == "evaluate" for rule, _ in rerun) == 1  # QuARI's, not identity's
+    assert sum(rule == "embed_training_part" for rule, _ in rerun) == 1  # COCO's; not CC12M's
 
     profile = ["--profile", str(PROFILES / "slurm-ci")]
     run = snakemake(root / "slurm", *args, *profile, cores=False, timeout=1500)

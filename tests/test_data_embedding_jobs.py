@@ -199,3 +199,133 @@ def test_uned_is_embedded_whole_with_the_ilias_protocol(setup, tmp_path):
                                           progress=False)
     empty = load_training_collection(out)
     assert len(empty.images) == 0 and len(empty.captions) == 0
+
+
+def _training_sets_in_parts(encoder, info, root, out, cfgs, plan, fraction, **opts):
+    """Each training set of ``plan`` ({name: {collection: parts}}) embedded one part per job
+    (a webdataset: one group of its tars per part) and assembled; returns {name: folder}."""
+    from quari.backbones import model_transform
+    from quari.data import training_parts
+    made = {}
+    for name, collection_parts in plan.items():
+        dirs = []
+        for c, n in collection_parts.items():
+            files = _collection_files(root, c)
+            protocol = collections.collection_setting(cfgs[c], "protocol", "model")
+            transform = ilias_transform(info) if protocol == "ilias" else model_transform(info)
+            for p in range(n):
+                located = files if n == 1 or files["format"] != "webdataset" else \
+                    {"format": "webdataset", "tars": files["tars"][p::n]}  # one tar per group
+                pairs = training_parts.collection_part(c, located, cfgs[c], p, n)
+                part_fraction = collections.collection_setting(cfgs[c], "valid_fraction", fraction)
+                dirs.append(training_parts.embed_training_part(
+                    encoder, pairs, part_fraction, out / name / "parts" / c / f"{p:04d}",
+                    transform, protocol, [], {"collection": c, "part": p, "of": n}, **opts))
+        training_parts.assemble_training_set(
+            dirs, {s: out / name / s for s in training_parts.SIDES}, name)
+        made[name] = out / name
+    return made
+
+
+def _collection_files(root, name):
+    return {"coco": {"format": "coco", "captions": str(root / "coco/annotations/captions_train2017.json"),
+                     "images": str(root / "coco/train2017")},
+            "cc12m": {"format": "webdataset", "tars": sorted(str(t) for t in (root / "cc12m").glob("*.tar"))},
+            "uned": {"format": "uned", "paths": str(root / "uned/uned_paths_1M.txt"),
+                     "image_root": str(root / "uned/images")}}[name]
+
+
+def _same_collections(a, b):
+    x, y = load_training_collection(a), load_training_collection(b)
+    assert x.images.ids == y.images.ids and x.captions.ids == y.captions.ids
+    # the same image through the same encoder; batches differ, so rows agree to fp16 rounding
+    np.testing.assert_allclose(np.asarray(x.images.embeddings, np.float32),
+                               np.asarray(y.images.embeddings, np.float32), atol=2e-3)
+    np.testing.assert_allclose(np.asarray(x.captions.embeddings, np.float32),
+                               np.asarray(y.captions.embeddings, np.float32), atol=2e-3)
+    assert x.image_labels.tolist() == y.image_labels.tolist()
+    assert x.caption_image.tolist() == y.caption_image.tolist()
+    assert x.name == y.name and x.meta == y.meta
+    return x
+
+
+def test_training_sets_in_parts_equal_one_job(setup, tmp_path):
+    """COCO (one part) + CC12M (one part per tar), UnED in 3 slices with a held-out fraction and
+    an unreadable image: the assembled train / valid equal what one job embedding the merged
+    collections writes (collections.training_split + embed_training_collection), row for row, id
+    for id, label for label, with the same counts."""
+    from quari.backbones import model_transform
+    root, _, info, encoder = setup
+    make_collections(tmp_path)
+    (tmp_path / "uned/images/dom1/cls2/5.jpg").write_bytes(b"not a jpeg")
+    cfgs = {"coco": {"format": "coco", "max_images": 5}, "cc12m": {"format": "webdataset"},
+            "uned": {"format": "uned", "valid_fraction": 0.4}}
+    sets = {"captions": ["coco", "cc12m"], "uned": ["uned"]}
+    opts = dict(batch_size=3, shard_rows=4, num_workers=0, progress=False)
+    fraction = 0.35
+    reference = {}
+    for name, names in sets.items():  # what the single embed_training_set job did
+        train, valid, protocol = collections.training_split(
+            names, [_collection_files(tmp_path, c) for c in names], cfgs, fraction)
+        transform = ilias_transform(info) if protocol == "ilias" else model_transform(info)
+        for side, pairs in (("train", train), ("valid", valid)):
+            reference[name, side] = embedding_jobs.embed_training_collection(
+                encoder, pairs, tmp_path / "single" / name / side, transform, f"{name}-{side}",
+                meta={"protocol": protocol}, **opts)
+    plan = {"captions": {"coco": 1, "cc12m": 2}, "uned": {"uned": 3}}
+    made = _training_sets_in_parts(encoder, info, tmp_path, tmp_path / "parts", cfgs, plan,
+                                   fraction, **opts)
+    for name in sets:
+        for side in ("train", "valid"):
+            got = _same_collections(reference[name, side], made[name] / side)
+            assert len(got.images) > 0
+            assert len(list((made[name] / side / "images").glob("*.npy"))) == 0  # a view
+            if name == "uned":
+                assert len(set(got.image_labels.tolist())) > 1  # labels coded across parts
+    assert load_training_collection(made["uned"] / "train").meta["images_requested"] == \
+        load_training_collection(made["uned"] / "train").meta["images_embedded"] + \
+        ("uned/dom1/cls2/5.jpg" in (made["uned"] / "train/images/skipped.tsv").read_text())
+    cc = load_training_collection(made["captions"] / "train")
+    assert any(i.startswith("cc12m/cc12m-train-0001.tar/") for i in cc.images.ids)
+
+
+def test_a_killed_training_part_resumes_and_assembly_checks_its_parts(setup, tmp_path):
+    from quari.data import training_parts
+    root, _, info, encoder = setup
+    make_collections(tmp_path)
+    cfgs = {"uned": {"format": "uned", "valid_fraction": 0.4}}
+    opts = dict(batch_size=2, shard_rows=2, num_workers=0, progress=False)
+    pairs = training_parts.collection_part("uned", _collection_files(tmp_path, "uned"),
+                                           cfgs["uned"], 0, 2)
+    args = (encoder, pairs, 0.4)
+    kw = dict(transform=ilias_transform(info), protocol="ilias", sources=[],
+              settings={"collection": "uned", "part": 0, "of": 2}, **opts)
+    reference = training_parts.embed_training_part(*args, tmp_path / "ref", **kw)
+
+    class Killed(Exception):
+        pass
+
+    calls = []
+
+    def kill(k):
+        calls.append(k)
+        if len(calls) == 2:
+            raise Killed
+
+    out = tmp_path / "run" / "0000"
+    with pytest.raises(Killed):
+        training_parts.embed_training_part(*args, out, on_shard=kill, **kw)
+    assert not out.exists() and embedding_jobs.partial_dir(out).exists()
+    calls.clear()
+    training_parts.embed_training_part(*args, out, on_shard=calls.append, **kw)
+    # train (2 images, one shard) was complete and kept; valid (4 images) was killed after its
+    # first shard and resumed at its second
+    assert calls == [1]
+    assert _files(out) == _files(reference)
+    # a part with a missing label row, or another model's part, is refused before assembly
+    names = out / "train" / embedding_jobs.LABEL_NAMES
+    names.write_text(names.read_text().replace("[", "[null, ", 1))
+    with pytest.raises(parts.PartError, match="labels"):
+        training_parts.assemble_training_set([out], {s: tmp_path / "set" / s for s in
+                                                     training_parts.SIDES}, "uned")
+    assert not (tmp_path / "set" / "train").exists()

@@ -105,7 +105,7 @@ def test_paper_config_schedules_the_whole_matrix(tmp_path):
     trained = {tuple(m.split("/")[2:4]) for m in jobs["train_method"]}
     assert trained == {(e.split("/")[4].removesuffix(".json"), e.split("/")[3]) for e in evaluations}
     # a training set per backbone that trains on it: captions for all 8, UnED for the 7 of Table 1b
-    assert sorted(jobs["embed_training_set"]) == sorted(
+    assert sorted(jobs["assemble_training_set"]) == sorted(
         [f"results/embeddings/captions/{bb}/train" for bb in config["backbones"]]
         + [f"results/embeddings/uned/{bb}/train" for bb in ilias_backbones])
     assert counts["tables"] == counts["figure_tsne"] == counts["figure_cost_accuracy"] == 1

@@ -57,7 +57,7 @@ def test_quick_config_runs_every_real_stage_once_on_small_data(tmp_path):
                      "inquire_rerank/{}/gallery", "inquire_rerank/{}/text_queries"):
             assert "results/embeddings/" + path.format(backbone) in outputs, path
     # a training collection only where something is trained on it (QuARI), mined once
-    assert jobs["embed_training_set"] == ["results/embeddings/captions/siglip2-vit-b16@512/train"]
+    assert jobs["assemble_training_set"] == ["results/embeddings/captions/siglip2-vit-b16@512/train"]
     assert jobs["mine_semipositives"] == ["results/mining/captions/siglip2-vit-b16@512/semipositives.npz"]
     # the released checkpoints are fitted without any training data
     trained = scheduled_inputs(output, "train_method")

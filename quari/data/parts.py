@@ -209,13 +209,13 @@ def assemble_parts(part_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
     work.mkdir(parents=True, exist_ok=True)
     shards, skipped, names, digests = [], [], [], []
     counts = {"requested": 0, "embedded": 0, "skipped": 0}
-    first, dim = None, None
+    first, dim, kind = None, None, None
     for part in map(Path, part_dirs):
         manifest = verify_part(part)
         part_meta = manifest.get("meta", {})
         origin = {k: part_meta.get("provenance", {}).get(k) for k in ("weights", "transform")}
         if first is None:
-            first, dim = (part, origin), manifest["dim"]
+            first, dim, kind = (part, origin), manifest["dim"], part_meta.get("kind", "images")
         elif origin != first[1] or manifest["dim"] != dim:
             raise PartError(f"{part} was embedded with other weights or preprocessing than "
                             f"{first[0]}; rerun the parts of one model")
@@ -232,7 +232,7 @@ def assemble_parts(part_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
     atomic_write_json(work / MANIFEST, {
         "format": FORMAT_VERSION, "dim": dim, "dtype": "float16",
         "rows": sum(s["rows"] for s in shards), "shards": shards,
-        "meta": {**(meta or {}), **counts, "kind": "images", "parts": names,
+        "meta": {**(meta or {}), **counts, "kind": kind, "parts": names,
                  "provenance": first[1]}})
     load_embedding_set(work)  # every listed shard opens before the set is published
     publish(work, out_dir)

@@ -327,6 +327,45 @@ def locate_collection(name: str, cfg: dict, data_root: str | os.PathLike, downlo
     raise ValueError(f"collection {name}: unknown format {kind!r}")
 
 
+def webdataset_listing(name: str, cfg: dict, data_root: str | os.PathLike,
+                       download: bool) -> list[str]:
+    """The shards of a webdataset collection embedded in groups (CC12M), relative to
+    ``data_root/<name>``, in order, without fetching any: the hub's listing (with downloads on,
+    kept as ``hf_files`` keeps it), else the listing an earlier download kept, else the shards
+    found there; the first ``max_shards`` when set. :func:`locate_webdataset_group` fetches a
+    group of them."""
+    root = Path(data_root) / name
+    pattern = cfg.get("pattern", "*.tar")
+    repo = cfg.get("hf_repo")
+    kept = _listing_path(root, repo, pattern) if repo else None
+    if repo and download:
+        names = hf_matching_files(repo, pattern)
+        for n in names:
+            path_inside(root, n, f"file of {repo}")
+        atomic_write_json(kept, {"repo": repo, "pattern": pattern, "files": names})
+    elif kept is not None and kept.is_file():
+        names = json.loads(kept.read_text())["files"]
+    else:
+        names = sorted(str(p.relative_to(root)) for p in root.rglob(pattern) if p.is_file())
+    if not names:
+        require_files([(root / pattern, f"{name} webdataset shards")])
+    return names[:cfg["max_shards"]] if cfg.get("max_shards") else names
+
+
+def locate_webdataset_group(name: str, cfg: dict, data_root: str | os.PathLike, download: bool,
+                            names: Sequence[str]) -> dict:
+    """The shards ``names`` (of :func:`webdataset_listing`) of a webdataset collection, present
+    under ``data_root/<name>`` (fetched from the hub when missing and allowed)."""
+    root = Path(data_root) / name
+    repo = cfg.get("hf_repo")
+    if repo:
+        tars = [str(hf_file(repo, n, root, download)) for n in names]
+    else:
+        tars = [str(path_inside(root, n, f"{name} shard")) for n in names]
+        require_files([(t, f"{name} webdataset shard") for t in tars])
+    return {"format": "webdataset", "tars": tars}
+
+
 def _fetch_zip(url: str, root: Path, name: str) -> None:
     """Download a zip (verified by the CRC of every member) and extract it into ``root``."""
     import zipfile

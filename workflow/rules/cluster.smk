@@ -30,6 +30,25 @@ if config["data"] == "real":
         "ilias_yfcc": len(range(0, ILIAS_YFCC_SHARDS, FAN_OUT["ilias_yfcc_shards_per_job"])),
         "ilias_mini": len(range(0, REAL["ilias"]["mini_shards"], FAN_OUT["ilias_mini_shards_per_job"])),
     }
+    # Training collections in parts (quari/data/training_parts.py): real.fan_out.collection_jobs
+    # parts per collection (default one): a webdataset (CC12M) one group of its tars per part,
+    # downloaded by its own job; UnED or a table an equal slice of its list. A training set is
+    # assembled from its collections' parts by `assemble_training_set`.
+    COLLECTION_JOBS = FAN_OUT["collection_jobs"]
+    for _c, _n in COLLECTION_JOBS.items():
+        _cfg = REAL["collections"].get(_c)
+        if _cfg is None:
+            raise WorkflowError(f"real.fan_out.collection_jobs.{_c}: no such collection in "
+                                f"real.collections ({', '.join(REAL['collections'])})")
+        if _n > 1 and _cfg["format"] == "coco":
+            raise WorkflowError(f"real.fan_out.collection_jobs.{_c}: MS-COCO lists its captions "
+                                "by annotation, not by image, so it is embedded as one part")
+        if _n > 1 and _cfg["format"] == "webdataset" and _cfg.get("max_images") is not None:
+            raise WorkflowError(f"real.collections.{_c}: max_images cannot be cut into groups of "
+                                f"tars (real.fan_out.collection_jobs.{_c}: {_n}); use max_shards")
+    WEBDATASET_GROUPS = {c: n for c, n in COLLECTION_JOBS.items()
+                         if n > 1 and REAL["collections"][c]["format"] == "webdataset"}
+    SOURCE_GROUPS.update(WEBDATASET_GROUPS)
     # the settings of real.ilias / real.inquire each download reads (editing another leaves it be)
     SOURCE_KEYS = {
         "ilias_core": ("hf_repo", "query_shards", "positive_shards", "server_url"),
@@ -46,7 +65,8 @@ if config["data"] == "real":
         if source in SOURCE_KEYS:
             section = REAL["inquire" if source.startswith("inquire") else "ilias"]
             return {k: section.get(k) for k in SOURCE_KEYS[source]}
-        return {k: v for k, v in REAL["collections"][source].items() if k != "max_images"}
+        own = {k: v for k, v in REAL["collections"][source].items() if k != "max_images"}
+        return {**own, "groups": WEBDATASET_GROUPS[source]} if source in WEBDATASET_GROUPS else own
 
 
     def source_group_names(source):
@@ -95,3 +115,34 @@ if config["data"] == "real":
 
     # backbones whose iNat24 pool comes as the benchmark's precomputed embeddings (no fan-out)
     PRECOMPUTED_POOL = "|".join(map(re.escape, REAL["inquire"].get("precomputed", {}))) or "(?!)"
+
+
+    def collection_parts(collection):
+        return COLLECTION_JOBS.get(collection, 1)
+
+
+    def training_part_dirs(trainset, backbone):
+        """The parts a training set is assembled from, in row order: its collections in turn,
+        each in its parts."""
+        root = f"results/embeddings/{trainset}/{backbone}/training-parts"
+        return [f"{root}/{c}/{p:04d}" for c in REAL["training_sets"][trainset]
+                for p in range(collection_parts(c))]
+
+
+    def training_part_input(wildcards):
+        c = wildcards.collection
+        if c in WEBDATASET_GROUPS:
+            return {"files": f"results/data/{c}/group-{wildcards.part}.json"}
+        return {"files": f"results/data/{c}.json"}
+
+
+    def training_part_settings(wildcards):
+        """What a training part's rows depend on besides its inputs: which part of how many, the
+        collection's held-out fraction and image protocol (its own, else its format's default,
+        else real.valid_fraction / the model's transform)."""
+        from quari.data.collections import collection_setting
+        c = wildcards.collection
+        cfg = REAL["collections"][c]
+        return {"collection": c, "part": int(wildcards.part), "of": collection_parts(c),
+                "valid_fraction": collection_setting(cfg, "valid_fraction", REAL["valid_fraction"]),
+                "protocol": collection_setting(cfg, "protocol", "model")}

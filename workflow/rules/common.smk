@@ -240,11 +240,6 @@ def all_evaluations():
     return [f"results/eval/{b}/{bb}/{m}.json" for b, bb, m in evaluation_matrix()]
 
 
-def get_training_set_files(wildcards):
-    """Manifests of the collections a training set merges."""
-    return [f"results/data/{c}.json" for c in config["real"]["training_sets"][wildcards.trainset]]
-
-
 def _check_backbones(n, method, cls, backbones):
     """A method given the backbone's registry entry may refuse some backbones (a released
     checkpoint runs only on the backbone it was trained on): checked at load."""

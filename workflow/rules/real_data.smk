@@ -145,11 +145,13 @@ rule locate_data_group:
         settings=lambda wildcards: source_settings(wildcards.source),
         dataset=lambda wildcards: wildcards.source,
         group=lambda wildcards: int(wildcards.group),
-        group_size=lambda wildcards: FAN_OUT[f"{wildcards.source}_shards_per_job"],
+        # ILIAS: groups of a fixed size among a planned number of shards; a webdataset
+        # collection: settings["groups"] equal groups of however many shards it lists
+        group_size=lambda wildcards: FAN_OUT.get(f"{wildcards.source}_shards_per_job"),
         planned=lambda wildcards: {"ilias_yfcc": ILIAS_YFCC_SHARDS,
-                                   "ilias_mini": REAL["ilias"]["mini_shards"]}[wildcards.source],
+                                   "ilias_mini": REAL["ilias"]["mini_shards"]}.get(wildcards.source),
     wildcard_constraints:
-        source="ilias_yfcc|ilias_mini",
+        source="|".join(["ilias_yfcc", "ilias_mini", *map(re.escape, WEBDATASET_GROUPS)]),
         group=r"\d+",
     threads: 1
     resources:
@@ -302,33 +304,53 @@ rule embed_inquire_rerank_gallery:
         "../scripts/embed_real.py"
 
 
-rule embed_training_set:
+rule embed_training_part:
     input:
-        files=get_training_set_files,
+        unpack(training_part_input),
     output:
-        train=directory("results/embeddings/{trainset}/{backbone}/train"),
-        valid=directory("results/embeddings/{trainset}/{backbone}/valid"),
+        directory("results/embeddings/{trainset}/{backbone}/training-parts/{collection}/{part}"),
     log:
-        "results/logs/embed/{trainset}/{backbone}/training_set.log",
+        "results/logs/embed/{trainset}/{backbone}/training-parts/{collection}/{part}.log",
     params:
-        job="training_set",
+        job="training_part",
         embedding=REAL["embedding"],
         models=lambda wildcards: model_entry(wildcards.backbone),
         device=config["device"],
-        collections=lambda wildcards: {c: REAL["collections"][c]
-                                       for c in REAL["training_sets"][wildcards.trainset]},
-        valid_fraction=REAL["valid_fraction"],
+        collection=lambda wildcards: REAL["collections"][wildcards.collection],
+        part=training_part_settings,
     wildcard_constraints:
         trainset="|".join(map(re.escape, config["real"]["training_sets"])),
+        collection="|".join(map(re.escape, config["real"]["collections"])),
+        part=r"\d{4}",
     threads: 8
     resources:
-        mem_mb=64000,
-        runtime=2880,
+        mem_mb=32000,
+        runtime=480,
         gpu=1,
     conda:
         "../envs/quari.yaml"
     script:
         "../scripts/embed_real.py"
+
+
+rule assemble_training_set:
+    input:
+        parts=lambda wildcards: training_part_dirs(wildcards.trainset, wildcards.backbone),
+    output:
+        train=directory("results/embeddings/{trainset}/{backbone}/train"),
+        valid=directory("results/embeddings/{trainset}/{backbone}/valid"),
+    log:
+        "results/logs/embed/{trainset}/{backbone}/training_set.log",
+    wildcard_constraints:
+        trainset="|".join(map(re.escape, config["real"]["training_sets"])),
+    threads: 1
+    resources:
+        mem_mb=16000,  # the label of every image (about 12M for the captions set), by name
+        runtime=120,
+    conda:
+        "../envs/quari.yaml"
+    script:
+        "../scripts/assemble_training_set.py"
 
 
 rule extract_inquire_rerank_images:

@@ -3,8 +3,8 @@
 The job says which set: ILIAS image / text queries, one part of a gallery (ILIAS's core positives
 or one group of distractor shards, ILIAS protocol: long side to the test resolution, no crop; one
 slice of the iNat24 pool, the model's own transform; see quari.data.parts), INQUIRE queries, the
-benchmark's precomputed iNat24 embeddings, INQUIRE-Rerank candidates, or a training set
-(collections merged, a validation fraction held out)."""
+benchmark's precomputed iNat24 embeddings, INQUIRE-Rerank candidates, or one part of a training
+set's collection (train and valid; quari.data.training_parts)."""
 
 import json
 import logging
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from quari.backbones import ilias_transform, load_backbone, model_transform
-from quari.data import collections, embedding_jobs, ilias, inquire, parts
+from quari.data import embedding_jobs, ilias, inquire, parts, training_parts
 from quari.devices import resolve_device
 from quari.runlog import log_to
 
@@ -50,6 +50,28 @@ def gallery_part(smk, encoder, opts):
     log.info("part %s: %d images from %d source files", name, len(items), len(tars))
     parts.embed_part(encoder, items, smk.output[0], transform, provenance,
                      meta={"protocol": protocol}, **opts)
+
+
+def training_part(smk, encoder, opts, ilias_t, model_t):
+    """One part of one collection of a training set (quari.data.training_parts), train and
+    valid: the model's own transform, as the released QuARI code embeds its training data;
+    ILIAS's at the test resolution for UnED, as ILIAS's linear adaptation does
+    (docs/protocol.md)."""
+    s, name = smk.params.part, smk.wildcards.collection
+    files = _files(smk.input.files)
+    pairs = training_parts.collection_part(name, files, smk.params.collection, s["part"], s["of"])
+    if files["format"] == "webdataset":
+        listed = files["tars"]
+    else:  # the list or table the part is a slice of
+        listed = [files[k] for k in ("captions", "paths", "table") if k in files]
+    sources = [parts.file_identity(f) for f in listed]
+    log.info("%s part %d of %d: %d images, %d captions, %s protocol", name, s["part"], s["of"],
+             len(pairs.images), len(pairs.captions), s["protocol"])
+    training_parts.embed_training_part(
+        encoder, pairs, s["valid_fraction"], smk.output[0],
+        ilias_t if s["protocol"] == "ilias" else model_t, s["protocol"], sources,
+        {**s, "shard_rows": opts["shard_rows"],
+         "max_images": smk.params.collection.get("max_images")}, **opts)
 
 
 def main(smk):
@@ -91,22 +113,8 @@ def main(smk):
         items = inquire.rerank_gallery_items(files["parquets"], p.images_dir)
         embedding_jobs.embed_image_set(encoder, items, out, model_t, meta={"protocol": "model"},
                                        **opts)
-    elif job == "training_set":
-        train, valid, protocol = collections.training_split(
-            list(p.collections), [_files(f) for f in smk.input.files], p.collections,
-            p.valid_fraction)
-        name = smk.wildcards.trainset
-        log.info("%s: %d train / %d valid images, %s protocol", name, len(train.images),
-                 len(valid.images), protocol)
-        # the model's own transform, as the released QuARI code embeds its training data; ILIAS's
-        # at the test resolution for UnED, as ILIAS's linear adaptation does (docs/protocol.md)
-        transform = ilias_t if protocol == "ilias" else model_t
-        embedding_jobs.embed_training_collection(encoder, train, smk.output.train, transform,
-                                                 f"{name}-train", meta={"protocol": protocol},
-                                                 **opts)
-        embedding_jobs.embed_training_collection(encoder, valid, smk.output.valid, transform,
-                                                 f"{name}-valid", meta={"protocol": protocol},
-                                                 **opts)
+    elif job == "training_part":
+        training_part(smk, encoder, opts, ilias_t, model_t)
     else:
         raise ValueError(f"unknown embedding job {job!r}")
 

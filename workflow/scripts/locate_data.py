@@ -1,9 +1,10 @@
 """Make one dataset's official files present and verified (fetching what is missing when
 downloads are on) and write the manifest of local paths the later stages read.
 
-The sets fetched in groups (ILIAS's YFCC100M and mini-ILIAS shards) have two jobs: the dataset's
-own (`locate_data`) lists the shards without fetching them, and one `locate_data_group` job per
-group fetches and verifies that group's shards."""
+The sets fetched in groups (ILIAS's YFCC100M and mini-ILIAS shards, a webdataset collection embedded
+in parts such as CC12M) have two jobs: the dataset's own (`locate_data`) lists the shards without
+fetching them, and one `locate_data_group` job per group fetches and verifies that group's
+shards."""
 
 import json
 import logging
@@ -28,12 +29,27 @@ def locate(dataset, settings, root, download):
     if dataset == "inquire_rerank":
         return {**sources.locate_inquire_rerank(settings, root, download),
                 **sources.locate_inquire_labels(settings, root, download)}
+    if settings.get("groups"):  # a webdataset embedded in parts: listed here, fetched by group
+        return {"format": "webdataset",
+                "listing": sources.webdataset_listing(dataset, settings, root, download)}
     return sources.locate_collection(dataset, settings, root, download)
 
 
 def locate_group(p, listing_path):
     """The shards of group `p.group` of the dataset's listing, fetched and verified."""
     listing = json.loads(Path(listing_path).read_text())["listing"]
+    if p.settings.get("groups"):  # a webdataset collection: equal groups of its shards
+        from quari.data.parts import even_slices
+        groups = p.settings["groups"]
+        start, stop = even_slices(len(listing), groups)[p.group]
+        if start == stop:
+            raise ValueError(f"{p.dataset}: {len(listing)} shards cannot make {groups} groups; "
+                             f"set real.fan_out.collection_jobs.{p.dataset} to at most "
+                             f"{len(listing)}")
+        log.info("%s group %d of %d: shards %d to %d of %d", p.dataset, p.group, groups, start,
+                 stop, len(listing))
+        return sources.locate_webdataset_group(p.dataset, p.settings, p.data_root, p.download,
+                                               listing[start:stop])
     if len(listing) != p.planned:
         raise ValueError(f"{p.dataset}: {len(listing)} shards listed, the workflow planned "
                          f"{p.planned} jobs' worth; set real.ilias."
