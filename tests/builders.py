@@ -130,7 +130,8 @@ def tiny_real_config(data_root: Path, models: Path, precomputed: str) -> dict:
             "fan_out": {"ilias_yfcc_shards_per_job": 1, "ilias_mini_shards_per_job": 1,
                         "inquire_pool_jobs": 2,
                         # CC12M one tar per part, UnED in three slices; COCO one part
-                        "collection_jobs": {"cc12m": 2, "uned": 3}},
+                        "collection_jobs": {"cc12m": 2, "uned": 3},
+                        "local_descriptor_jobs": 2},  # Table 3a's shortlist in two halves
             "local_descriptors": {"model": str(models / "dinov2"), "resolution": 32,
                                   "query_descriptors": 12, "database_descriptors": 6,
                                   "batch_size": 2, "num_workers": 0, "shortlist_margin": 2,

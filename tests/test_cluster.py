@@ -86,8 +86,9 @@ def test_default_profile_runs_gpu_jobs_one_at_a_time_on_one_machine():
 
 def test_paper_dry_run_fans_out_every_large_set(paper_dry_run):
     """At least one embedding job per group of YFCC100M shards per backbone (1,000 shards:
-    ILIAS's 100M gallery), and per group of CC12M tars / slice of UnED per backbone that trains
-    on them, each asking for a GPU; galleries and training sets are assembled from their parts."""
+    ILIAS's 100M gallery), per group of CC12M tars / slice of UnED per backbone that trains on
+    them, and per slice of Table 3a's shortlist, each asking for a GPU; galleries, training sets
+    and the local descriptors are assembled from their parts."""
     from quari.config import validate_config
     config = validate_config(yaml.safe_load((ROOT / "workflow/config/paper.yaml").read_text()),
                              ROOT / "workflow/schemas/config.schema.yaml")
@@ -145,6 +146,13 @@ def test_paper_dry_run_fans_out_every_large_set(paper_dry_run):
     assert len(assembled) == len(training) == 8 + 7
     assert all(res.get("gpu", "0") == "0" for res in assembled)
     assert not [rule for rule, _ in jobs if rule == "embed_training_set"]  # no single job left
+    # Table 3a's database local descriptors: one GPU job per slice of the shortlist, one
+    # CPU job writes the file the re-rankers read
+    descriptors = [res for rule, res in jobs if rule == "extract_ilias_database_local_descriptors"]
+    assert len(descriptors) == fan_out["local_descriptor_jobs"] > 1
+    assert all(res["gpu"] == "1" for res in descriptors)
+    merged = [res for rule, res in jobs if rule == "assemble_ilias_database_local_descriptors"]
+    assert len(merged) == 1 and merged[0].get("gpu", "0") == "0"
 
 
 def test_ci_slurm_profile_maps_every_gpu_request_to_nothing():

@@ -1,5 +1,6 @@
 """Embedding jobs of the real-data workflow on ILIAS-style shards through a tiny random SigLIP:
-a many-part gallery killed mid-way resumes to the same files; nothing half-written is published."""
+a many-part gallery killed mid-way resumes to the same files; nothing half-written is published;
+training sets embedded in parts equal the single job's."""
 
 from pathlib import Path
 

@@ -373,3 +373,40 @@ def test_an_interrupted_merge_keeps_the_parts_and_resumes(images, model_dir, tmp
         np.testing.assert_array_equal(getattr(resumed, key), getattr(clean, key))
     with np.load(out) as merged, np.load(tmp_path / "clean.npz") as reference:
         np.testing.assert_array_equal(merged["image_sizes"], reference["image_sizes"])
+
+
+def test_descriptors_extracted_in_parts_equal_one_job(images, model_dir, tmp_path):
+    """Three jobs over consecutive slices of the ids (the unreadable image in one of them),
+    assembled: the same ids, descriptors, positions, sizes, record and skip list as one job
+    over all; a part of other ids is refused before anything is written."""
+    from baselines.local_features.descriptors import assemble_local_descriptors
+    from quari.data.parts import PartError, even_slices
+    from quari.store import read_npz_arrays
+    config = LocalDescriptorConfig(model=model_dir, num_descriptors=8, resolution=RESOLUTION)
+    extractor = DinoLocalExtractor(model_dir)
+    opts = dict(batch_size=2, part_images=2, num_workers=0, progress=False)
+    one = extract_local_descriptors(extractor, images, tmp_path / "one.npz", config, **opts)
+    parts = []
+    for k, (start, stop) in enumerate(even_slices(len(images), 3)):
+        parts.append(tmp_path / "parts" / f"{k:04d}.npz")
+        extract_local_descriptors(extractor, images[start:stop], parts[-1], config, **opts)
+    ids = [i for i, _ in images]
+    got = assemble_local_descriptors(parts, ids, tmp_path / "many.npz", config, part_images=2)
+    assert got.ids == one.ids and "broken" not in got.ids
+    np.testing.assert_array_equal(got.counts, one.counts)
+    np.testing.assert_array_equal(got.xy, one.xy)
+    np.testing.assert_allclose(np.asarray(got.descriptors, np.float32),
+                               np.asarray(one.descriptors, np.float32), atol=2e-3)
+    sizes = [read_npz_arrays(tmp_path / f, ["image_sizes"])["image_sizes"]
+             for f in ("one.npz", "many.npz")]
+    np.testing.assert_array_equal(*sizes)
+    for suffix in (".json", ".skipped.tsv"):  # the same record (fingerprint of all ids) and list
+        assert (tmp_path / f"many.npz{suffix}").read_text() == \
+            (tmp_path / f"one.npz{suffix}").read_text()
+    with pytest.raises(PartError, match="other images"):
+        assemble_local_descriptors(parts[::-1], ids, tmp_path / "bad.npz", config, part_images=2)
+    with pytest.raises(PartError, match="other images"):  # another configuration
+        assemble_local_descriptors(parts, ids, tmp_path / "bad.npz",
+                                   LocalDescriptorConfig(model=model_dir, num_descriptors=6,
+                                                         resolution=RESOLUTION), part_images=2)
+    assert not list(tmp_path.glob("bad.npz*"))

@@ -115,8 +115,12 @@ def test_paper_config_schedules_the_whole_matrix(tmp_path):
     assert jobs["extract_ilias_query_local_descriptors"] == ["results/local_descriptors/ilias/queries.npz"]
     assert jobs["ilias_shortlist_ids"] == [
         "results/local_descriptors/ilias/siglip-vit-l16@384/shortlist_ids.txt"]
-    assert jobs["extract_ilias_database_local_descriptors"] == [
+    assert jobs["assemble_ilias_database_local_descriptors"] == [
         "results/local_descriptors/ilias/siglip-vit-l16@384/database.npz"]
+    parts = config["real"]["fan_out"]["local_descriptor_jobs"]
+    assert sorted(jobs["extract_ilias_database_local_descriptors"]) == [
+        f"results/local_descriptors/ilias/siglip-vit-l16@384/database-parts/{p:04d}.npz"
+        for p in range(parts)]
     # 3b: INQUIRE-Rerank's images extracted once, for its embedding and the VLMs alike
     assert jobs["extract_inquire_rerank_images"] == ["results/data/inquire_rerank_images"]
     # 3b is also scored against all positives in the pool: every INQUIRE-Rerank evaluation (and
@@ -304,7 +308,8 @@ def test_default_offline_config_schedules_no_real_reranker_inputs(tmp_path):
     jobs = scheduled_jobs(run.stdout + run.stderr)
     assert "evaluate" in jobs
     assert not {"ilias_shortlist_ids", "extract_ilias_query_local_descriptors",
-                "extract_ilias_database_local_descriptors", "extract_inquire_rerank_images"} & set(jobs)
+                "extract_ilias_database_local_descriptors",
+                "assemble_ilias_database_local_descriptors", "extract_inquire_rerank_images"} & set(jobs)
 
 
 @pytest.mark.parametrize("method, entry, benchmark", [

@@ -116,6 +116,14 @@ class LocalDescriptorConfig:
     #                              None there: the published dinov2_detector.pt)
 
 
+def config_from_options(options: dict, num_descriptors: int) -> LocalDescriptorConfig:
+    """The config of the workflow's ``real.local_descriptors`` options (``model``,
+    ``resolution``, ``saliency``, ``detector``, ``dtype``) for ``num_descriptors`` per image."""
+    return LocalDescriptorConfig(model=options["model"], num_descriptors=num_descriptors,
+                                 resolution=options["resolution"], saliency=options["saliency"],
+                                 detector=options.get("detector"), dtype=options["dtype"])
+
+
 # ----------------------------------------------------------------------------- preprocessing
 
 @dataclass(frozen=True)
@@ -410,6 +418,59 @@ def extract_local_descriptors(extractor: DinoLocalExtractor,
     if n_skipped:
         logger.warning("%s: %d of %d images skipped, listed in %s", out_path, n_skipped,
                        len(ids), skipped_path)
+    return load_local_descriptors(out_path)
+
+
+def assemble_local_descriptors(part_paths: Sequence[str | os.PathLike], ids: Sequence[str],
+                               out_path: str | os.PathLike, config: LocalDescriptorConfig,
+                               part_images: int = 10_000) -> LocalDescriptors:
+    """Write ``out_path`` (and its ``.json`` and ``.skipped.tsv``) as one
+    :func:`extract_local_descriptors` of ``ids`` would, from the files of a fanned-out
+    extraction: part k extracted the k-th of ``len(part_paths)`` consecutive slices of ``ids``
+    (:func:`quari.data.parts.even_slices`) with the same ``config`` and ``part_images``.
+
+    Every part is verified first (PartError otherwise, and nothing is written): its record names
+    exactly its slice of ids and this config (the resume fingerprint), its ids and skip list
+    cover that slice, its counts add up, and all parts come from one model (patch size, width).
+    The ``.npz`` is one file that the re-rankers memory-map, so the parts are streamed into it
+    block by block (a copy, never whole in memory)."""
+    from quari.data.parts import PartError, even_slices
+    out_path, ids = Path(out_path), [str(i) for i in ids]
+    slices = even_slices(len(ids), len(part_paths))
+    skipped, extracted, model = [], 0, None
+    for k, (path, (start, stop)) in enumerate(zip(map(Path, part_paths), slices)):
+        meta_path = path.with_name(path.name + ".json")
+        skipped_path = path.with_name(path.name + ".skipped.tsv")
+        if not (path.is_file() and meta_path.is_file() and skipped_path.is_file()):
+            raise PartError(f"{path}: not a complete part; rerun its job")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("fingerprint") != _fingerprint(config, ids[start:stop], part_images):
+            raise PartError(f"{path} was extracted from other images or settings than part {k} "
+                            f"(ids {start} to {stop} of {len(ids)}, this configuration); rerun "
+                            "its job")
+        lines = skipped_path.read_text().splitlines()[1:]
+        kept = read_npz_arrays(path, ["ids"])["ids"].astype(str).tolist()
+        if (len(kept) != meta["extracted"] or len(lines) != meta["skipped"]
+                or meta["requested"] != len(kept) + len(lines)
+                or set(kept) | {line.split("\t")[0] for line in lines} != set(ids[start:stop])):
+            raise PartError(f"{path}: {len(kept)} images and {len(lines)} skipped do not cover "
+                            f"its {stop - start} ids (record: {meta['requested']} requested, "
+                            f"{meta['extracted']} extracted, {meta['skipped']} skipped)")
+        this = {"patch_size": meta["patch_size"], "dim": meta["dim"]}
+        if model is not None and this != model:
+            raise PartError(f"{path}: descriptors of another model ({this} vs {model})")
+        model = this
+        skipped += lines
+        extracted += len(kept)
+    atomic_write_text(out_path.with_name(out_path.name + ".skipped.tsv"),
+                      "id\treason\n" + "".join(f"{line}\n" for line in skipped))
+    _merge_parts(out_path, [Path(p) for p in part_paths])
+    atomic_write_json(out_path.with_name(out_path.name + ".json"), {
+        **asdict(config), "fingerprint": _fingerprint(config, ids, part_images),
+        "requested": len(ids), "extracted": extracted, "skipped": len(skipped), **model,
+        "xy": "normalised (x / width, y / height)"})
+    logger.info("%s: %d images over %d parts (%d skipped)", out_path, extracted, len(part_paths),
+                len(skipped))
     return load_local_descriptors(out_path)
 
 

@@ -3,7 +3,10 @@
 # queries and of the database images in some query's top-k (the local-feature re-rankers), and
 # INQUIRE-Rerank's candidate images as files (the VLM re-rankers).
 # Raw files live under real.data_root; manifests of the local files under results/data/; the
-# embedding cache under results/embeddings/{dataset}/{backbone}/{split}.
+# embedding cache under results/embeddings/{dataset}/{backbone}/{split}. The large sets are
+# embedded in parts, one job each, and assembled by a cheap job (docs/cluster.md): galleries
+# (gallery-parts/), training sets (training-parts/{collection}/) and Table 3a's database local
+# descriptors (database-parts/).
 
 
 rule locate_data:
@@ -424,6 +427,41 @@ rule extract_ilias_database_local_descriptors:
         files="results/data/ilias_core.json",
         distractors=yfcc_group_manifests,
         ids="results/local_descriptors/ilias/{backbone}/shortlist_ids.txt",
+    output:  # one part of the shortlist; removed once assembled (the assembly copies it)
+        descriptors=temp("results/local_descriptors/ilias/{backbone}/database-parts/{part}.npz"),
+        meta=temp("results/local_descriptors/ilias/{backbone}/database-parts/{part}.npz.json"),
+        skipped=temp("results/local_descriptors/ilias/{backbone}/database-parts/{part}.npz.skipped.tsv"),
+    log:
+        "results/logs/local_descriptors/ilias/{backbone}/database-parts/{part}.log",
+    params:
+        job="database",
+        options={k: v for k, v in REAL["local_descriptors"].items()
+                 if k not in ("query_descriptors", "shortlist_margin")},
+        device=config["device"],
+        part=lambda wildcards: {"part": int(wildcards.part),
+                                "of": FAN_OUT["local_descriptor_jobs"]},
+    wildcard_constraints:
+        part=r"\d{4}",
+    threads: 8
+    resources:
+        mem_mb=32000,
+        runtime=720,
+        gpu=1,
+    conda:
+        "../envs/quari.yaml"
+    script:
+        "../scripts/extract_local_descriptors.py"
+
+
+rule assemble_ilias_database_local_descriptors:
+    input:
+        ids="results/local_descriptors/ilias/{backbone}/shortlist_ids.txt",
+        parts=lambda wildcards: [
+            f"results/local_descriptors/ilias/{wildcards.backbone}/database-parts/{p:04d}.npz"
+            for p in range(FAN_OUT["local_descriptor_jobs"])],
+        records=lambda wildcards: [
+            f"results/local_descriptors/ilias/{wildcards.backbone}/database-parts/{p:04d}.npz{x}"
+            for p in range(FAN_OUT["local_descriptor_jobs"]) for x in (".json", ".skipped.tsv")],
     output:
         descriptors="results/local_descriptors/ilias/{backbone}/database.npz",
         meta="results/local_descriptors/ilias/{backbone}/database.npz.json",
@@ -431,16 +469,13 @@ rule extract_ilias_database_local_descriptors:
     log:
         "results/logs/local_descriptors/ilias/{backbone}/database.log",
     params:
-        job="database",
         options={k: v for k, v in REAL["local_descriptors"].items()
                  if k not in ("query_descriptors", "shortlist_margin")},
-        device=config["device"],
-    threads: 8
+    threads: 1
     resources:
-        mem_mb=64000,
-        runtime=2880,
-        gpu=1,
+        mem_mb=8000,  # ids, counts and sizes of the shortlisted images; rows streamed in blocks
+        runtime=720,  # a streamed copy of every part (about 185 GB for the paper's shortlists)
     conda:
         "../envs/quari.yaml"
     script:
-        "../scripts/extract_local_descriptors.py"
+        "../scripts/assemble_local_descriptors.py"
