@@ -414,3 +414,37 @@ def test_real_data_dag_through_the_slurm_executor(tiny_real_world):
     redone = submitted(again.stdout + again.stderr)
     assert sorted(redone.values()) == ["assemble_gallery", "embed_gallery_part"]
     same_embedding_sets(root / "local" / CLUSTER_TARGETS[0], gallery)
+
+
+def test_cc12m_groups_list_once_and_locate_their_own_tars(tmp_path):
+    """Downloads off: the listing job lists the collection's tars (a listing kept by an earlier
+    download wins over what lies there), each group job finds only its own and names a
+    missing one."""
+    import json
+
+    from quari.data import sources
+    from quari.data.downloads import MissingDataError
+    from quari.data.parts import even_slices
+    root = tmp_path / "cc12m"
+    for n in range(5):
+        (root / f"cc12m-train-{n:04d}.tar").parent.mkdir(parents=True, exist_ok=True)
+        (root / f"cc12m-train-{n:04d}.tar").write_bytes(b"x" * (n + 1))
+    cfg = {"format": "webdataset", "pattern": "cc12m-train-*.tar", "max_shards": 4}
+    names = sources.webdataset_listing("cc12m", cfg, tmp_path, download=False)
+    assert names == [f"cc12m-train-{n:04d}.tar" for n in range(4)]
+    groups = [names[a:b] for a, b in even_slices(len(names), 3)]
+    assert [len(g) for g in groups] == [1, 1, 2]
+    located = sources.locate_webdataset_group("cc12m", cfg, tmp_path, False, groups[2])
+    assert located == {"format": "webdataset",
+                       "tars": [str(root / n) for n in ("cc12m-train-0002.tar", "cc12m-train-0003.tar")]}
+    (root / "cc12m-train-0003.tar").unlink()
+    with pytest.raises(MissingDataError, match="cc12m-train-0003.tar"):
+        sources.locate_webdataset_group("cc12m", cfg, tmp_path, False, groups[2])
+    # a hub collection: the listing an earlier download kept, not a glob of what is there
+    hub = {**cfg, "hf_repo": "pixparse/cc12m-wds", "max_shards": None}
+    kept = sources._listing_path(root, hub["hf_repo"], hub["pattern"])
+    kept.write_text(json.dumps({"files": ["cc12m-train-0001.tar", "cc12m-train-0003.tar"]}))
+    assert sources.webdataset_listing("cc12m", hub, tmp_path, download=False) == [
+        "cc12m-train-0001.tar", "cc12m-train-0003.tar"]
+    with pytest.raises(MissingDataError, match="cc12m-train-0003.tar"):
+        sources.locate_webdataset_group("cc12m", hub, tmp_path, False, ["cc12m-train-0003.tar"])
