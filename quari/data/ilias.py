@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from quari.data.tars import ImageRef, read_member_text, read_tar_samples
+from quari.data.tars import ImageRef, read_tar_samples
 
 logger = logging.getLogger(__name__)
 
@@ -153,17 +153,6 @@ def text_query_items(source: str | os.PathLike) -> list[tuple[str, str]]:
     return sorted(items)
 
 
-def text_query_items_from_tars(tars: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
-    """Text queries from webdataset shards whose samples carry a ``txt`` member under a key
-    ``<instance>/query/Txxx``; the official id is the key plus ``.txt``."""
-    items = []
-    for tar in tars:
-        for key, fields in read_tar_samples(tar).items():
-            if "txt" in fields and re.match(r"^[^/]+/query/T[^/]+$", key):
-                items.append((f"{key}.txt", read_member_text(fields["txt"])))
-    if not items:
-        raise ValueError(f"no text queries found in {list(map(str, tars))}")
-    return sorted(items)
 
 
 def ground_truth(query_ids: Sequence[str], positive_ids: Sequence[str]) -> dict[str, list[str]]:

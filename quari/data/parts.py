@@ -37,12 +37,6 @@ logger = logging.getLogger(__name__)
 PROVENANCE = "provenance.json"
 
 
-def group_slices(count: int, size: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` of consecutive groups of ``size`` among ``count`` items (the last one
-    shorter)."""
-    if size < 1:
-        raise ValueError("group size must be positive")
-    return [(start, min(start + size, count)) for start in range(0, count, size)]
 
 
 def even_slices(count: int, parts: int) -> list[tuple[int, int]]:
