@@ -30,6 +30,7 @@ class Oracle(TransformMethod):
     """Projects query and gallery onto the query's category identity subspace, then cosine."""
 
     name = "oracle"
+    fit_cost = 0  # fit reads the synthetic world's file
     label = "oracle (synthetic only)"
     #: the synthetic world's true subspace of every query's category (synthetic data only)
     side_inputs = ("oracle_file",)

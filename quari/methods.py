@@ -115,6 +115,9 @@ class RetrievalMethod(ABC):
     scores_rows_independently: ClassVar[bool] = True
     #: memory (MB) its evaluation job asks of a cluster (a VLM holds a model of 13-34B weights)
     evaluation_mem_mb: ClassVar[int] = 32000
+    #: rough cost of ``fit`` relative to other methods' (0: nothing to fit); the workflow starts
+    #: the costliest trainings first (their job priority), so that a few cores finish sooner
+    fit_cost: ClassVar[int] = 1
 
     def __init__(self, **params: Any):
         self.params = dict(params)

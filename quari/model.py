@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quari.transform import QueryTransform
+from quari.transform import BasisQueryTransform, QueryTransform
 
 VARIANTS = ("released", "paper")
 
@@ -175,8 +175,14 @@ class QuARI(nn.Module):
         keep = [torch.rand(b, r, 1, device=tokens.device) > p for _ in range(2)]
         return tokens * torch.cat(keep, dim=1).to(tokens.dtype)
 
-    def forward(self, queries: torch.Tensor) -> QueryTransform:
-        """The adapted queries and factored gallery maps for queries [B, E]."""
+    def forward(self, queries: torch.Tensor,
+                in_basis: bool = False) -> QueryTransform | BasisQueryTransform:
+        """The adapted queries and factored gallery maps for queries [B, E].
+
+        ``in_basis``: return the same maps as a :class:`BasisQueryTransform` (the factors as
+        coefficients of the U and V decoders' last layers, see :meth:`_decode_in_basis`), which
+        training scores faster; ``.expand()`` gives the :class:`QueryTransform` returned otherwise.
+        """
         cfg = self.config
         if queries.dim() != 2 or queries.shape[1] != cfg.embedding_dim:
             raise ValueError(f"queries must be [B, {cfg.embedding_dim}], "
@@ -193,20 +199,47 @@ class QuARI(nn.Module):
             # residual refinement of every token, the control token included
             ctx = ctx + out[:, 0]
             tokens = self._token_dropout(tokens + out[:, 1:])
+        decoded = self.query_decoder(ctx)
+        if cfg.variant == "released":
+            w = cfg.query_residual_weight
+            query = F.normalize((1.0 - w) * decoded + w * queries, dim=-1)
+            scale, anchor = float(cfg.anchor_scale), 1.0
+        else:
+            query, scale, anchor = F.normalize(decoded, dim=-1), 1.0, 0.0
+        if in_basis:
+            u_basis, u_coef = self._decode_in_basis(self.dec_u_img, tokens[:, :r])
+            v_basis, v_coef = self._decode_in_basis(self.dec_v_img, tokens[:, r:])
+            if cfg.variant == "released":
+                return BasisQueryTransform(query, u_basis, u_coef, v_basis, v_coef, scale, anchor)
+            return BasisQueryTransform(query, v_basis, v_coef, u_basis, u_coef, scale, anchor)
         u = self.dec_u_img(tokens[:, :r]).transpose(1, 2)  # [B, E, r]
         v = self.dec_v_img(tokens[:, r:]).transpose(1, 2)
         if cfg.fro_norm:
             u = u / (torch.linalg.matrix_norm(u, keepdim=True) + FRO_EPS)
             v = v / (torch.linalg.matrix_norm(v, keepdim=True) + FRO_EPS)
-        decoded = self.query_decoder(ctx)
         if cfg.variant == "released":
-            w = cfg.query_residual_weight
-            query = F.normalize((1.0 - w) * decoded + w * queries, dim=-1)
-            return QueryTransform(query=query, left=u, right=v, scale=float(cfg.anchor_scale),
-                                  anchor=1.0)
+            return QueryTransform(query=query, left=u, right=v, scale=scale, anchor=anchor)
         # T d = U V^T d, i.e. the row vector d V U^T
-        return QueryTransform(query=F.normalize(decoded, dim=-1), left=v, right=u, scale=1.0,
-                              anchor=0.0)
+        return QueryTransform(query=query, left=v, right=u, scale=scale, anchor=anchor)
+
+    def _decode_in_basis(self, decoder: nn.Sequential,
+                         tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoded factor [B, E, r] of ``tokens`` [B, r, H] as basis [E, k] x coefficients
+        [B, k, r].
+
+        The decoder's last layer maps its hidden activations a (width k - 1) to W a + b =
+        [W | b] [a; 1], so [W | b] is the basis and [a; 1] a column's coefficients; the Frobenius
+        norm of the factor is sqrt(sum_j c_j^T (B^T B) c_j), from k x k products only.
+        """
+        hidden = decoder[:-1](tokens)  # [B, r, k - 1], dropout included
+        last = decoder[-1]
+        basis = torch.cat([last.weight, last.bias[:, None]], dim=1)  # [E, k]
+        coef = torch.cat([hidden, hidden.new_ones(hidden.shape[:2] + (1,))], dim=2)
+        coef = coef.transpose(1, 2)  # [B, k, r]
+        if self.config.fro_norm:
+            squared = torch.einsum("bkr,kl,blr->b", coef, basis.T @ basis, coef)
+            coef = coef / (squared.clamp_min(0).sqrt() + FRO_EPS)[:, None, None]
+        return basis, coef
 
     def transform(self, queries: torch.Tensor) -> QueryTransform:
         """Alias of calling the module: the :class:`QueryTransform` of queries [B, E]."""

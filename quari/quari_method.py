@@ -113,6 +113,8 @@ class QuARIMethod(TransformMethod):
     #: the config's ``quari:`` block is this method's settings (an entry of its own overrides it)
     shared_settings = ("model", "train", "image_query_fraction")
     nested_params = {"model": QuARIConfig, "train": TrainConfig}
+    #: a hypernetwork trained for thousands of steps: the longest fit of the paper's methods
+    fit_cost = 10
 
     def __init__(self, model: dict | None = None, train: dict | None = None,
                  image_query_fraction: float = 0.5, device: str | None = None):

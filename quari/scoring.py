@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from quari.transform import QueryTransform
+from quari.transform import BasisQueryTransform, QueryTransform
 
 # Floor of ||m(d)||, the same as torch.nn.functional.normalize uses, so a degenerate row
 # scores 0 rather than NaN.
@@ -65,11 +65,41 @@ def _factors(transform: QueryTransform) -> torch.Tensor:
     return torch.cat([transform.left, transform.right], dim=2)
 
 
-def _query_terms(transform: QueryTransform) -> tuple[torch.Tensor, torch.Tensor]:
+def _query_terms(transform: QueryTransform | BasisQueryTransform
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """c = R^T q ([B, r]) and the Gram matrix G = R^T R ([B, r, r]), shared by every row."""
+    if isinstance(transform, BasisQueryTransform):  # R = basis @ coef, per query
+        basis, coef = transform.right_basis, transform.right_coef
+        c = torch.einsum("bk,bkr->br", transform.query @ basis, coef)
+        return c, coef.transpose(1, 2) @ (basis.T @ basis) @ coef
     right = transform.right
     return (torch.einsum("ber,be->br", right, transform.query),
             torch.bmm(right.transpose(1, 2), right))
+
+
+def _basis_sides(transform: BasisQueryTransform) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(basis, coefficients) of the left factor, then of the right one when the map is anchored."""
+    sides = [(transform.left_basis, transform.left_coef)]
+    if transform.anchor != 0:
+        sides.append((transform.right_basis, transform.right_coef))
+    return sides
+
+
+def _project(transform: QueryTransform | BasisQueryTransform,
+             gallery: torch.Tensor) -> torch.Tensor:
+    """d [L | R] for every query and gallery row: [B, N, c] (c = r, or 2r when anchored)."""
+    n = gallery.shape[0]
+    if isinstance(transform, BasisQueryTransform):
+        parts = []
+        for basis, coef in _basis_sides(transform):  # rows onto the shared basis once
+            batch, k, r = coef.shape
+            proj = (gallery @ basis) @ coef.permute(1, 0, 2).reshape(k, batch * r)
+            parts.append(proj.view(n, batch, r).transpose(0, 1))
+        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+    factors = _factors(transform)
+    batch, dim, width = factors.shape
+    proj = gallery @ factors.permute(1, 0, 2).reshape(dim, batch * width)
+    return proj.view(n, batch, width).transpose(0, 1)
 
 
 def _combine(transform: QueryTransform, proj: torch.Tensor, qd: torch.Tensor | None,
@@ -86,7 +116,8 @@ def _combine(transform: QueryTransform, proj: torch.Tensor, qd: torch.Tensor | N
     return num / sq.clamp_min(NORM_EPS ** 2).sqrt()
 
 
-def scores(transform: QueryTransform, gallery: torch.Tensor) -> torch.Tensor:
+def scores(transform: QueryTransform | BasisQueryTransform,
+           gallery: torch.Tensor) -> torch.Tensor:
     """Cosine of every query against every row of ``gallery`` [N, E] under its own map: [B, N].
 
     The projection of the whole gallery onto every query's factors is one matrix product;
@@ -95,17 +126,15 @@ def scores(transform: QueryTransform, gallery: torch.Tensor) -> torch.Tensor:
     dtype = _compute_dtype(transform.query.dtype, gallery.dtype)
     t = transform.to(dtype=dtype)
     g = gallery.to(device=t.query.device, dtype=dtype)
-    factors = _factors(t)
-    batch, dim, width = factors.shape
-    proj = (g @ factors.permute(1, 0, 2).reshape(dim, batch * width))
-    proj = proj.view(g.shape[0], batch, width).transpose(0, 1)
+    proj = _project(t, g)
     c, gram = _query_terms(t)
     qd = (t.query @ g.T) if t.anchor != 0 else None
     dd = (g * g).sum(-1) if t.anchor != 0 else None
     return _combine(t, proj, qd, dd, c, gram)
 
 
-def candidate_scores(transform: QueryTransform, candidates: torch.Tensor) -> torch.Tensor:
+def candidate_scores(transform: QueryTransform | BasisQueryTransform,
+                     candidates: torch.Tensor) -> torch.Tensor:
     """Scores [B, M] of candidates [B, M, E], row b of them under query b's own map."""
     if candidates.dim() != 3 or candidates.shape[0] != transform.batch_size:
         raise ValueError(f"candidates must be [B={transform.batch_size}, M, E], "
@@ -113,7 +142,11 @@ def candidate_scores(transform: QueryTransform, candidates: torch.Tensor) -> tor
     dtype = _compute_dtype(transform.query.dtype, candidates.dtype)
     t = transform.to(dtype=dtype)
     cand = candidates.to(device=t.query.device, dtype=dtype)
-    proj = torch.bmm(cand, _factors(t))
+    if isinstance(t, BasisQueryTransform):
+        proj = torch.cat([torch.bmm(cand @ basis, coef) for basis, coef in _basis_sides(t)],
+                         dim=2)
+    else:
+        proj = torch.bmm(cand, _factors(t))
     c, gram = _query_terms(t)
     qd = torch.einsum("bme,be->bm", cand, t.query) if t.anchor != 0 else None
     dd = (cand * cand).sum(-1) if t.anchor != 0 else None

@@ -378,8 +378,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
 def _batch_loss(model: QuARI, batch: Batch, config: TrainConfig,
                 autocast: contextlib.AbstractContextManager) -> torch.Tensor:
     """The loss of one micro-batch; only the hypernetwork runs under mixed precision."""
-    with autocast:
-        transform = model.transform(batch.queries)
+    with autocast:  # maps in the decoders' bases: the same scores, fewer products
+        transform = model(batch.queries, in_basis=True)
     return symmetric_contrastive_loss(
         transform.to(dtype=torch.float32), batch.targets, batch.target_ids, batch.semipositives,
         batch.semipositive_weights, config.temperature, semipositive_ids=batch.semipositive_ids,

@@ -75,3 +75,70 @@ class QueryTransform:
         """The same transform cut from the autograd graph (for evaluation)."""
         return QueryTransform(query=self.query.detach(), left=self.left.detach(),
                               right=self.right.detach(), scale=self.scale, anchor=self.anchor)
+
+
+@dataclass
+class BasisQueryTransform:
+    """A :class:`QueryTransform` whose factors lie in column spaces shared by the whole batch.
+
+    left = left_basis @ left_coef and right = right_basis @ right_coef, query by query: the
+    factors of :meth:`expand`. QuARI's decoders end in one linear layer (weight W [E, d], bias b),
+    so every decoded column is W a + b = [W | b] [a; 1]: a basis of k = d + 1 columns shared by
+    the batch, and per query only k x r coefficients. Scoring a batch in this form
+    (:func:`quari.scoring.scores`) projects each row onto the k basis columns once and then onto
+    every query's coefficients: O(E k + B k r) per row instead of O(B E r), the cheaper one
+    whenever k is well below E (the CPU-sized models: k = 65, E = 256 or 384). Training scores its
+    batches this way; evaluation expands to a :class:`QueryTransform`.
+    """
+
+    query: torch.Tensor  # [B, E] adapted query q', unit norm
+    left_basis: torch.Tensor  # [E, k]
+    left_coef: torch.Tensor  # [B, k, r]
+    right_basis: torch.Tensor  # [E, k']
+    right_coef: torch.Tensor  # [B, k', r]
+    scale: float
+    anchor: float
+
+    def __post_init__(self) -> None:
+        if self.query.dim() != 2:
+            raise ValueError(f"query must be [B, E], got shape {tuple(self.query.shape)}")
+        batch, dim = self.query.shape
+        for side in ("left", "right"):
+            basis, coef = getattr(self, f"{side}_basis"), getattr(self, f"{side}_coef")
+            if basis.dim() != 2 or basis.shape[0] != dim:
+                raise ValueError(f"{side}_basis must be [E={dim}, k], got {tuple(basis.shape)}")
+            if coef.dim() != 3 or coef.shape[:2] != (batch, basis.shape[1]):
+                raise ValueError(f"{side}_coef must be [B={batch}, k={basis.shape[1]}, r], "
+                                 f"got {tuple(coef.shape)}")
+        if self.left_coef.shape[2] != self.right_coef.shape[2]:
+            raise ValueError("left and right coefficients must share the rank")
+
+    @property
+    def batch_size(self) -> int:
+        return self.query.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.query.shape[1]
+
+    @property
+    def rank(self) -> int:
+        return self.left_coef.shape[2]
+
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> "BasisQueryTransform":
+        """The same transform with its tensors on another device and/or dtype."""
+        def move(x: torch.Tensor) -> torch.Tensor:
+            return x.to(device=device, dtype=dtype)
+
+        return BasisQueryTransform(move(self.query), move(self.left_basis), move(self.left_coef),
+                                   move(self.right_basis), move(self.right_coef),
+                                   self.scale, self.anchor)
+
+    def expand(self) -> QueryTransform:
+        """The same maps with their factors formed in R^E: a :class:`QueryTransform`."""
+        return QueryTransform(
+            query=self.query,
+            left=torch.einsum("ek,bkr->ber", self.left_basis, self.left_coef),
+            right=torch.einsum("ek,bkr->ber", self.right_basis, self.right_coef),
+            scale=self.scale, anchor=self.anchor)

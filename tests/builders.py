@@ -64,8 +64,8 @@ def snakemake(workdir, *args, timeout=900, cores=True):
 
 def dry_run_jobs(output: str) -> list[dict[str, str]]:
     """The jobs of a dry run's listing, in order: ``{"rule": name, "input": text, "output":
-    text, "resources": text}`` from the lines under each ``rule name:`` (a field it lacks is
-    absent)."""
+    text, "resources": text, "priority": text}`` from the lines under each ``rule name:`` (a
+    field it lacks is absent; Snakemake lists a priority only when it is not 0)."""
     jobs: list[dict[str, str]] = []
     for line in output.splitlines():
         line = line.strip()
@@ -74,7 +74,7 @@ def dry_run_jobs(output: str) -> list[dict[str, str]]:
             jobs.append({"rule": match.group(1)})
         elif jobs:
             key, colon, value = line.partition(":")
-            if colon and key in ("input", "output", "resources"):
+            if colon and key in ("input", "output", "resources", "priority"):
                 jobs[-1].setdefault(key, value.strip())
     return jobs
 

@@ -53,3 +53,12 @@ def test_evaluation_memory_runs_before_and_after(tmp_path):
         (2500, "after", "IdColumn"), (2500, "before", "list")]
     # the same rankings and metrics whichever way the ids are held
     assert out[0]["metric"] == out[1]["metric"] and out[2]["metric"] == out[3]["metric"]
+
+
+def test_training_step_bench_times_two_forms_of_one_function(capsys):
+    from quari.bench import training_step
+    out = training_step.main(["--dim", "48", "--hidden", "16", "--heads", "2", "--rank", "4",
+                              "--batch", "12", "--steps", "2", "--repeats", "1"])
+    assert out["ms_per_step_dense"] > 0 and out["ms_per_step_bases"] > 0
+    assert out["loss_diff"] < 1e-5 and out["grad_diff"] < 1e-5
+    assert "ratio (R^E / bases)" in capsys.readouterr().out

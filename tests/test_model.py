@@ -110,6 +110,40 @@ def test_matches_equations(variant):
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("fro_norm", [True, False])
+@pytest.mark.parametrize("variant", ["released", "paper"])
+def test_maps_in_the_decoders_bases_score_as_the_equations(variant, fro_norm):
+    """Training's form (factors as coefficients of the decoders' last layers) against the dense
+    reference, for whole galleries, per-query candidates and gradients."""
+    model = small_model(variant, fro_norm=fro_norm).double().eval()
+    queries = torch.randn(4, 24, dtype=torch.float64)
+    gallery = torch.randn(9, 24, dtype=torch.float64)
+    candidates = torch.randn(4, 3, 24, dtype=torch.float64)
+    in_basis = model(queries, in_basis=True)
+    assert in_basis.left_basis.shape == (24, SMALL["hidden_dim"] + 1)
+    got = scoring.scores(in_basis, gallery)
+    if fro_norm:  # the reference normalises U and V
+        with torch.no_grad():
+            torch.testing.assert_close(got, manual_dense_scores(model, queries, gallery),
+                                       rtol=1e-6, atol=1e-6)
+    dense = model(queries)
+    torch.testing.assert_close(got, scoring.scores(dense, gallery), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(scoring.candidate_scores(in_basis, candidates),
+                               scoring.dense_scores(dense, candidates), rtol=1e-10, atol=1e-10)
+    expanded = in_basis.expand()
+    torch.testing.assert_close(expanded.left, dense.left, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(expanded.right, dense.right, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(4, 9, dtype=torch.float64)
+    grads = [torch.autograd.grad((scoring.scores(t, gallery) * weights).sum(),
+                                 list(model.parameters()), allow_unused=True)
+             for t in (model(queries, in_basis=True), model(queries))]
+    for a, b in zip(*grads):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("variant", ["released", "paper"])
 def test_tokens_start_at_zero_with_position_codes(variant):
     model = small_model(variant).eval()

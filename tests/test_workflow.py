@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 import yaml
 from tests.builders import TINY
-from tests.builders import ROOT, SNAKEMAKE, scheduled_inputs, scheduled_jobs, snakemake
+from tests.builders import (ROOT, SNAKEMAKE, dry_run_jobs, scheduled_inputs, scheduled_jobs,
+                            snakemake)
 
 #: the tiny configuration's methods, with a global-feature re-ranker (alpha-QE)
 METHODS = {**TINY["methods"], "alpha_qe1": {"type": "alpha_qe", "neighbours": 1}}
@@ -187,6 +188,31 @@ def test_editing_quari_training_reruns_only_what_trains_with_it(tiny_run, tmp_pa
     assert len(jobs["evaluate"]) == 4
     assert {"tables", "figure_tsne", "figure_cost_accuracy", "report_markdown"} <= set(jobs)
     assert not {"embed_synthetic", "mine_semipositives", "synthetic_ground_truth"} & set(jobs)
+
+
+def test_costliest_trainings_and_the_data_they_wait_for_are_scheduled_first(tmp_path):
+    """Job priorities come from what each method declares (fit_cost, trainable): QuARI's
+    trainings before the cheaper fits, every fit before the jobs with nothing to fit, and the
+    short data jobs that everything waits for before all of them."""
+    from quari.methods import get_method
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "methods": METHODS}))
+    dry = snakemake(tmp_path / "work", "-n", "all", "--configfile", str(config),
+                    "--replace-workflow-config")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    priority = {}
+    for job in dry_run_jobs(dry.stdout + dry.stderr):
+        if "output" in job:
+            priority[job["output"].split(",")[0].strip()] = int(job.get("priority", "0"))
+    trains = {path.split("/")[2]: p for path, p in priority.items()
+              if path.startswith("results/models/")}
+    for method, p in trains.items():
+        cls = get_method(METHODS[method].get("type", method))
+        assert p == (cls.fit_cost if cls.trainable else 0), method
+    assert trains["quari"] > trains["linear_adaptation"] > trains["identity"] == 0
+    data = [p for path, p in priority.items()
+            if path.startswith(("results/embeddings/", "results/mining/", "results/groundtruth/"))]
+    assert data and min(data) > max(trains.values())
 
 
 @pytest.mark.parametrize("change, named", [

@@ -13,6 +13,7 @@ if config["data"] == "synthetic":
         params:
             synthetic=config["synthetic"],
         threads: 1
+        priority: 20  # short, and every evaluation waits for it
         resources:
             mem_mb=2000,
             runtime=30,
@@ -36,6 +37,7 @@ if config["data"] == "synthetic":
         params:
             synthetic=config["synthetic"],
         threads: 1
+        priority: 20  # short, and every later job waits for it
         resources:
             mem_mb=4000,
             runtime=60,

@@ -19,8 +19,9 @@ rule evaluate:
         data=config["data"],
         run_id=config["run_id"],
         device=config["device"],
-    # streaming search: CPU threads feed the GPU (or score, without one)
-    threads: 4
+    # streaming search: CPU threads feed the GPU (or score, without one); the synthetic galleries
+    # are small enough for one thread, so evaluations run beside the trainings
+    threads: 4 if config["data"] == "real" else 1
     resources:
         mem_mb=lambda wildcards: method_class(wildcards.method).evaluation_mem_mb,
         runtime=1440,

@@ -11,6 +11,7 @@ rule mine_semipositives:
     params:
         mining=config["mining"],
     threads: 8 if config["data"] == "real" else 1
+    priority: 20  # short, and every training waits for it
     resources:
         mem_mb=64000,
         runtime=720,

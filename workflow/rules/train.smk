@@ -17,6 +17,8 @@ rule train_method:
     # Synthetic-world models are small: one thread each is nearly as fast as several, so they
     # train side by side; real-data training feeds one GPU.
     threads: 8 if config["data"] == "real" else 1
+    # the costliest trainings first (each method's fit_cost), so few cores finish sooner
+    priority: lambda wildcards: method_class(wildcards.method).fit_cost if method_trains(wildcards.method) else 0
     # methods with nothing to fit (their class says trainable = False) only write their settings
     resources:
         mem_mb=lambda wildcards: 64000 if method_trains(wildcards.method) else 4000,
