@@ -11,8 +11,24 @@ from dataclasses import dataclass
 import torch
 
 
+class _QueryBatch:
+    """What both forms of a batch of maps share: B adapted queries of width E."""
+
+    query: torch.Tensor  # [B, E]
+
+    @property
+    def batch_size(self) -> int:
+        """Number of queries B."""
+        return self.query.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension E."""
+        return self.query.shape[1]
+
+
 @dataclass
-class QueryTransform:
+class QueryTransform(_QueryBatch):
     """Per-query adapted query and the factors of its gallery map; the E x E matrix is never formed.
 
     Gallery row d (a row vector, shape [E]) is mapped to
@@ -42,16 +58,6 @@ class QueryTransform:
                              f"and {self.right.shape[2]}")
 
     @property
-    def batch_size(self) -> int:
-        """Number of queries B."""
-        return self.query.shape[0]
-
-    @property
-    def dim(self) -> int:
-        """Embedding dimension E."""
-        return self.query.shape[1]
-
-    @property
     def rank(self) -> int:
         """Rank r of the low-rank part."""
         return self.left.shape[2]
@@ -78,7 +84,7 @@ class QueryTransform:
 
 
 @dataclass
-class BasisQueryTransform:
+class BasisQueryTransform(_QueryBatch):
     """A :class:`QueryTransform` whose factors lie in column spaces shared by the whole batch.
 
     left = left_basis @ left_coef and right = right_basis @ right_coef, query by query: the
@@ -114,15 +120,8 @@ class BasisQueryTransform:
             raise ValueError("left and right coefficients must share the rank")
 
     @property
-    def batch_size(self) -> int:
-        return self.query.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.query.shape[1]
-
-    @property
     def rank(self) -> int:
+        """Rank r of the low-rank part."""
         return self.left_coef.shape[2]
 
     def to(self, device: torch.device | str | None = None,

@@ -277,3 +277,17 @@ def test_decoder_width_round_trips_through_our_checkpoints(tmp_path):
     assert loaded.config.decoder_hidden_dim == 40
     q = F.normalize(torch.randn(3, 24), dim=-1)
     assert torch.allclose(model(q).query, loaded(q).query)
+
+
+def test_maps_in_bases_refuse_mismatched_shapes():
+    from quari.transform import BasisQueryTransform
+    q, basis, coef = torch.randn(3, 8), torch.randn(8, 5), torch.randn(3, 5, 2)
+    ok = BasisQueryTransform(q, basis, coef, basis, coef, 0.8, 1.0)
+    assert (ok.batch_size, ok.dim, ok.rank) == (3, 8, 2)
+    assert ok.to(dtype=torch.float64).left_coef.dtype == torch.float64
+    for bad in (dict(left_basis=torch.randn(7, 5)), dict(left_coef=torch.randn(3, 4, 2)),
+                dict(right_coef=torch.randn(3, 5, 3)), dict(query=torch.randn(3))):
+        args = dict(query=q, left_basis=basis, left_coef=coef, right_basis=basis,
+                    right_coef=coef, scale=0.8, anchor=1.0)
+        with pytest.raises(ValueError):
+            BasisQueryTransform(**{**args, **bad})
