@@ -236,8 +236,11 @@ class QuARI(nn.Module):
         basis = torch.cat([last.weight, last.bias[:, None]], dim=1)  # [E, k]
         coef = torch.cat([hidden, hidden.new_ones(hidden.shape[:2] + (1,))], dim=2)
         coef = coef.transpose(1, 2)  # [B, k, r]
-        if self.config.fro_norm:
-            squared = torch.einsum("bkr,kl,blr->b", coef, basis.T @ basis, coef)
+        if self.config.fro_norm:  # in float32 also under mixed precision (fp16 overflows at
+            # E r ~ 65,000, e.g. E 768 and rank 64 with unit entries)
+            with torch.autocast(tokens.device.type, enabled=False):
+                basis32, coef32 = basis.float(), coef.float()
+                squared = torch.einsum("bkr,kl,blr->b", coef32, basis32.T @ basis32, coef32)
             coef = coef / (squared.clamp_min(0).sqrt() + FRO_EPS)[:, None, None]
         return basis, coef
 

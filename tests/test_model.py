@@ -291,3 +291,21 @@ def test_maps_in_bases_refuse_mismatched_shapes():
                     right_coef=coef, scale=0.8, anchor=1.0)
         with pytest.raises(ValueError):
             BasisQueryTransform(**{**args, **bad})
+
+
+def test_maps_in_bases_keep_their_norms_in_float32_under_mixed_precision():
+    """||U||_F^2 above float16's largest value (65,504) must not overflow under fp16 autocast."""
+    model = small_model(embedding_dim=256, rank=16).eval()
+    with torch.no_grad():
+        for decoder in (model.dec_u_img, model.dec_v_img):
+            decoder[-1].weight.mul_(200)
+    queries, gallery = torch.randn(5, 256), torch.randn(7, 256)
+    with torch.no_grad():
+        reference = scoring.scores(model(queries), gallery)
+        with torch.autocast("cpu", dtype=torch.float16):
+            mixed = model(queries, in_basis=True)
+            assert (model.dec_u_img(torch.randn(5, 16, SMALL["hidden_dim"])).float() ** 2
+                    ).sum(dim=(1, 2)).min() > 65504
+        got = scoring.scores(mixed.to(dtype=torch.float32), gallery)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-2)
