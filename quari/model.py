@@ -239,8 +239,9 @@ class QuARI(nn.Module):
         if self.config.fro_norm:  # in float32 also under mixed precision (fp16 overflows at
             # E r ~ 65,000, e.g. E 768 and rank 64 with unit entries)
             with torch.autocast(tokens.device.type, enabled=False):
-                basis32, coef32 = basis.float(), coef.float()
-                squared = torch.einsum("bkr,kl,blr->b", coef32, basis32.T @ basis32, coef32)
+                wide = torch.promote_types(coef.dtype, torch.float32)  # float64 stays float64
+                basis_w, coef_w = basis.to(wide), coef.to(wide)
+                squared = torch.einsum("bkr,kl,blr->b", coef_w, basis_w.T @ basis_w, coef_w)
             coef = coef / (squared.clamp_min(0).sqrt() + FRO_EPS)[:, None, None]
         return basis, coef
 
