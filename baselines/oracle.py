@@ -30,8 +30,8 @@ class Oracle(TransformMethod):
     """Projects query and gallery onto the query's category identity subspace, then cosine."""
 
     name = "oracle"
-    fit_cost = 0  # fit reads the synthetic world's file
     label = "oracle (synthetic only)"
+    fit_cost = 0  # fit only reads the synthetic world's file
     #: the synthetic world's true subspace of every query's category (synthetic data only)
     side_inputs = ("oracle_file",)
 

@@ -207,20 +207,19 @@ class QuARI(nn.Module):
         else:
             query, scale, anchor = F.normalize(decoded, dim=-1), 1.0, 0.0
         if in_basis:
-            u_basis, u_coef = self._decode_in_basis(self.dec_u_img, tokens[:, :r])
-            v_basis, v_coef = self._decode_in_basis(self.dec_v_img, tokens[:, r:])
-            if cfg.variant == "released":
-                return BasisQueryTransform(query, u_basis, u_coef, v_basis, v_coef, scale, anchor)
-            return BasisQueryTransform(query, v_basis, v_coef, u_basis, u_coef, scale, anchor)
-        u = self.dec_u_img(tokens[:, :r]).transpose(1, 2)  # [B, E, r]
-        v = self.dec_v_img(tokens[:, r:]).transpose(1, 2)
-        if cfg.fro_norm:
-            u = u / (torch.linalg.matrix_norm(u, keepdim=True) + FRO_EPS)
-            v = v / (torch.linalg.matrix_norm(v, keepdim=True) + FRO_EPS)
-        if cfg.variant == "released":
-            return QueryTransform(query=query, left=u, right=v, scale=scale, anchor=anchor)
-        # T d = U V^T d, i.e. the row vector d V U^T
-        return QueryTransform(query=query, left=v, right=u, scale=scale, anchor=anchor)
+            u = self._decode_in_basis(self.dec_u_img, tokens[:, :r])  # (basis, coefficients)
+            v = self._decode_in_basis(self.dec_v_img, tokens[:, r:])
+        else:
+            u = self.dec_u_img(tokens[:, :r]).transpose(1, 2)  # [B, E, r]
+            v = self.dec_v_img(tokens[:, r:]).transpose(1, 2)
+            if cfg.fro_norm:
+                u = u / (torch.linalg.matrix_norm(u, keepdim=True) + FRO_EPS)
+                v = v / (torch.linalg.matrix_norm(v, keepdim=True) + FRO_EPS)
+        # released: d W = d (I + a U'V'^T); paper: T d = U V^T d, i.e. the row vector d V U^T
+        left, right = (u, v) if cfg.variant == "released" else (v, u)
+        if in_basis:
+            return BasisQueryTransform(query, *left, *right, scale, anchor)
+        return QueryTransform(query=query, left=left, right=right, scale=scale, anchor=anchor)
 
     def _decode_in_basis(self, decoder: nn.Sequential,
                          tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
